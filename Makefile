@@ -1,0 +1,34 @@
+# Two commands for a fresh machine (Python >= 3.10, nothing else):
+#   make run    creates .venv, installs fedjax_med, runs the default heart-disease experiment
+#   make test   creates .venv with the test extra, runs the whole pytest suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+OUT    ?= results/heart_disease
+
+.PHONY: run test clean check-python
+
+check-python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "fedjax_med needs Python >= 3.10, found " + sys.version.split()[0])'
+
+$(VENV)/.created: | check-python
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@touch $@
+
+$(VENV)/.installed: $(VENV)/.created pyproject.toml
+	$(PY) -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.created pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@ $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(PY) experiments/heart_disease.py --out $(OUT)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,96 @@
+"""Federated SGD (McMahan et al., AISTATS 2017, "FedSGD").
+
+Each site computes the full-batch gradient of its own objective,
+g_k = grad F_k(w), over its n_k real rows. The server aggregates
+
+    g = sum_k (n_k / n) g_k = grad F(w),   F(w) = sum_k (n_k/n) F_k(w)
+
+and applies its optax transformation, so with `optax.sgd(lr)` one round is
+exactly one gradient step on the pooled objective `weighted_objective`
+(w <- w - lr * grad F(w)). `weighting="uniform"` uses p_k = 1/K' instead,
+a step on sum_k F_k / K'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_med.core import aggregation as agg
+from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
+                                       make_round, new_server_state, server_key)
+from fedjax_med.core.objective import loss_and_grad
+from fedjax_med.core.options import check_choice, check_optimizer, reject_unknown
+
+
+@dataclasses.dataclass(frozen=True)
+class FedSGDConfig:
+  loss_fn: Any
+  server_optimizer: optax.GradientTransformation
+  weighting: str
+  aggregator: agg.Aggregator
+
+
+_OPTIONS = ("server_optimizer", "weighting", "aggregator")
+
+
+def fedsgd(loss_fn, *, server_optimizer: optax.GradientTransformation,
+           weighting: str = "num_examples", aggregator: agg.Aggregator | None = None,
+           **unknown_options) -> FederatedAlgorithm:
+  """Builds FedSGD.
+
+  Args:
+    loss_fn: per-example loss `loss_fn(params, x, y) -> [B]` (or a batch loss).
+    server_optimizer: optax transformation applied to the aggregated gradient,
+      e.g. `optax.sgd(lr)` (wrap with `optax.inject_hyperparams` to trace lr).
+    weighting: "num_examples" (p_k = n_k/n) or "uniform" (p_k = 1/K').
+    aggregator: aggregation chain (default `weighted_mean()`).
+
+  Returns:
+    FederatedAlgorithm. Round metrics: train_loss (= the p-weighted objective
+    at the round's starting point), client_train_loss [K], num_examples [K],
+    update_norm (norm of the aggregated gradient).
+  """
+  reject_unknown("fedsgd", unknown_options, _OPTIONS)
+  config = FedSGDConfig(
+      loss_fn=loss_fn,
+      server_optimizer=check_optimizer("fedsgd", "server_optimizer", server_optimizer),
+      weighting=check_choice("fedsgd", "weighting", weighting, agg.WEIGHTINGS),
+      aggregator=aggregator if aggregator is not None else agg.weighted_mean())
+
+  def init(params):
+    return new_server_state(params, config.server_optimizer, client_hparams={},
+                            hparams={}, aggregator_state=config.aggregator.init(params))
+
+  return FederatedAlgorithm(init, make_round("fedsgd", _fedsgd_round, config, loss_fn),
+                            "fedsgd")
+
+
+def _fedsgd_round(config: FedSGDConfig, state, data, key):
+  """One round on data.x [K, N_max, ...], data.y [K, N_max, ...], data.mask [K, N_max]."""
+  x, y, mask = data.x, data.y, data.mask
+  num_examples = jnp.sum(mask, axis=1, dtype=jnp.int32)
+  grad_fn = loss_and_grad(config.loss_fn)
+  losses, grads = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0))(state.params, x, y, mask)
+  weights = agg.client_weights(num_examples, config.weighting)
+  grad, aggregator_state, agg_metrics = config.aggregator.aggregate(
+      grads, weights, state.aggregator_state, server_key(key))
+  params, server_opt_state = apply_server_optimizer(
+      config.server_optimizer, state.params, state.server_opt_state, grad)
+  metrics = {
+      "train_loss": jnp.sum(agg.normalized(weights) * losses),
+      "client_train_loss": losses,
+      "num_examples": num_examples,
+      "update_norm": optax.global_norm(grad),
+      **agg_metrics,
+  }
+  new_state = state._replace(params=params, server_opt_state=server_opt_state,
+                             aggregator_state=aggregator_state, round=state.round + 1)
+  return new_state, metrics
+
+
+__all__ = ["fedsgd", "FedSGDConfig"]

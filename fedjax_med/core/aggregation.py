@@ -1,0 +1,139 @@
+"""Server-side aggregation as (init, aggregate) pairs, chainable like optax.
+
+An `Aggregator` turns the K stacked client updates into one update:
+
+    aggregate(updates [K, ...], weights [K], state, key) -> (update [...], state, metrics)
+
+`weights` are the raw, unnormalised client weights (n_k, or 1 per non-empty
+site for uniform weighting; 0 for a site that must not count). Links that act
+on each client's update before the reduction (clipping, noise, quantisation,
+rejection of non-finite updates, ...) are `ClientTransform`s, and
+`chain(link_1, ..., link_m, reducer)` composes them into one `Aggregator`,
+the way `optax.chain` composes gradient transformations.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_med.core.options import check_choice
+
+WEIGHTINGS = ("num_examples", "uniform")
+
+
+class Aggregator(NamedTuple):
+  """(init, aggregate) pair.
+
+  init(update_template) -> state, where update_template is one client's
+    (unstacked) update pytree.
+  aggregate(updates, weights, state, key) -> (update, state, metrics):
+    updates has a leading K axis on every leaf; weights is `[K]` float32.
+  """
+  init: Callable[[Any], Any]
+  aggregate: Callable[[Any, jax.Array, Any, jax.Array], tuple[Any, Any, dict]]
+
+
+class ClientTransform(NamedTuple):
+  """A link of the chain acting on the stacked client updates.
+
+  init(update_template) -> state
+  apply(updates, weights, state, key) -> (updates, weights, state, metrics)
+  """
+  init: Callable[[Any], Any]
+  apply: Callable[[Any, jax.Array, Any, jax.Array], tuple[Any, jax.Array, Any, dict]]
+
+
+def client_weights(num_examples: jax.Array, weighting: str) -> jax.Array:
+  """Raw aggregation weights `[K]` from n_k.
+
+  * "num_examples": w_k = n_k, the weights of the objective sum_k (n_k/n) F_k
+    (McMahan et al. 2017).
+  * "uniform": w_k = 1 for every non-empty site, a plain average of client
+    models (what the textbook tutorial loop computes). It optimises
+    sum_k (1/K') F_k instead, which differs from F(w) when the n_k differ.
+
+  A site with n_k = 0 has weight 0 under both.
+  """
+  check_choice("client_weights", "weighting", weighting, WEIGHTINGS)
+  n = num_examples.astype(jnp.float32)
+  if weighting == "num_examples":
+    return n
+  return (n > 0).astype(jnp.float32)
+
+
+def normalized(weights: jax.Array) -> jax.Array:
+  """weights / sum(weights); all zeros when the sum is zero."""
+  total = jnp.sum(weights)
+  return jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def weighted_sum(updates: Any, coefficients: jax.Array) -> Any:
+  """sum_k c_k u_k over the leading axis of every leaf."""
+  return jax.tree_util.tree_map(
+      lambda u: jnp.tensordot(coefficients.astype(u.dtype), u, axes=(0, 0)), updates)
+
+
+def weighted_mean() -> Aggregator:
+  """sum_k w_k u_k / sum_k w_k (zero when no site has weight)."""
+
+  def init(update_template):
+    del update_template
+    return ()
+
+  def aggregate(updates, weights, state, key):
+    del key
+    return weighted_sum(updates, normalized(weights)), state, {}
+
+  return Aggregator(init, aggregate)
+
+
+def chain(*links: Any) -> Aggregator:
+  """`chain(t_1, ..., t_m, reducer)`: client transforms, then one reduction.
+
+  Every link but the last is a `ClientTransform`; the last is an
+  `Aggregator`. Each link gets its own key (split from the round's
+  aggregation key) and its own state; metrics are merged, prefixed by the
+  link's position when names collide.
+  """
+  if not links:
+    raise ValueError("chain: needs at least a reducer (e.g. weighted_mean())")
+  *transforms, reducer = links
+  for i, t in enumerate(transforms):
+    if not isinstance(t, ClientTransform):
+      raise ValueError(
+          f"chain: link {i} is a {type(t).__name__}; every link before the last"
+          " must be a ClientTransform")
+  if not isinstance(reducer, Aggregator):
+    raise ValueError(
+        f"chain: the last link must be an Aggregator (a reducer), got"
+        f" {type(reducer).__name__}")
+
+  def init(update_template):
+    return tuple(t.init(update_template) for t in transforms) + (
+        reducer.init(update_template),)
+
+  def aggregate(updates, weights, state, key):
+    keys = jax.random.split(key, len(links))
+    new_state, metrics = [], {}
+    for i, t in enumerate(transforms):
+      updates, weights, s, m = t.apply(updates, weights, state[i], keys[i])
+      new_state.append(s)
+      _merge(metrics, m, i)
+    update, s, m = reducer.aggregate(updates, weights, state[-1], keys[-1])
+    new_state.append(s)
+    _merge(metrics, m, len(transforms))
+    return update, tuple(new_state), metrics
+
+  return Aggregator(init, aggregate)
+
+
+def _merge(metrics: dict, new: dict, position: int) -> None:
+  for name, value in new.items():
+    metrics[f"{position}/{name}" if name in metrics else name] = value
+
+
+__all__ = ["Aggregator", "ClientTransform", "WEIGHTINGS", "client_weights",
+           "normalized", "weighted_sum", "weighted_mean", "chain"]

@@ -1,0 +1,120 @@
+"""`FederatedAlgorithm`: an (init, round) pair of pure functions.
+
+    state = algo.init(params)
+    state, metrics = algo.round(state, data, key)
+
+`round` is a thin Python shell around one `jax.jit`-compiled function of
+arrays: `impl(config, state, data, key)`, where `data` is the FederatedData
+stripped of its static metadata (names, label type). `config` is a frozen,
+hashable dataclass holding everything static (the loss, the optimizers, the
+batch schedule, ...); it is a static argument of one module-level `jax.jit`,
+so two algorithm objects built from the same loss and optimizer objects share
+one compiled round, and numbers that live in the state (learning rates,
+mu, ...) never trigger a recompile.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_med.core.federated_data import FederatedData
+from fedjax_med.core.state import ServerState, canonical_hparams
+
+# Site k's key is fold_in(round_key, k); the server's randomness (aggregation
+# noise, ...) uses fold_in(round_key, SERVER_STREAM), a value no site index takes.
+SERVER_STREAM = np.uint32(2**32 - 1)
+
+
+class FederatedAlgorithm(NamedTuple):
+  """init(params, ...) -> ServerState; round(state, data, key) -> (state, metrics)."""
+  init: Callable[..., ServerState]
+  round: Callable[[ServerState, FederatedData, jax.Array], tuple[ServerState, dict]]
+  name: str = "federated_algorithm"
+
+
+def _call_impl(impl, config, state, data, key):
+  return impl(config, state, data, key)
+
+
+_jitted_round = jax.jit(_call_impl, static_argnums=(0, 1))
+
+
+def arrays_only(data: FederatedData) -> FederatedData:
+  """The same arrays without static metadata, so names never recompile."""
+  leaves, _ = data.tree_flatten()
+  return FederatedData.tree_unflatten((None, None), leaves)
+
+
+def server_key(round_key: jax.Array) -> jax.Array:
+  return jax.random.fold_in(round_key, SERVER_STREAM)
+
+
+def apply_server_optimizer(optimizer: optax.GradientTransformation, params: Any,
+                           opt_state: Any, pseudo_gradient: Any) -> tuple[Any, Any]:
+  """w <- w + optax_update(Delta), Delta = aggregated pseudo-gradient.
+
+  With optax.sgd(1.0) and Delta = w - sum_k p_k w_k this is FedAvg's
+  w <- sum_k p_k w_k; with optax.sgd(lr) and Delta = grad F(w) it is FedSGD.
+  """
+  updates, opt_state = optimizer.update(pseudo_gradient, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def required_label_type(loss_fn) -> str | None:
+  return getattr(loss_fn, "label_type", None)
+
+
+def check_round_inputs(name: str, loss_fn, state: Any, data: Any) -> None:
+  """Host-side checks done once per data object, outside the compiled round."""
+  if not isinstance(state, ServerState):
+    raise TypeError(f"{name}.round: state must be the ServerState from {name}.init,"
+                    f" got {type(state).__name__}")
+  if not isinstance(data, FederatedData):
+    raise TypeError(f"{name}.round: data must be a FederatedData (build it with"
+                    f" FederatedData.from_sites), got {type(data).__name__}")
+  needed = required_label_type(loss_fn)
+  if needed is None or data.label_type == needed:
+    return
+  checked = data.__dict__.setdefault("_checked_label_types", set())
+  if needed in checked:
+    return
+  data.replace(label_type=needed)  # validates, raises naming the site and field
+  checked.add(needed)
+
+
+def make_round(name: str, impl: Callable, config: Any, loss_fn) -> Callable:
+  """The public `round(state, data, key)` for a jit-compiled `impl`."""
+
+  def round_fn(state: ServerState, data: FederatedData, key: jax.Array):
+    check_round_inputs(name, loss_fn, state, data)
+    state = state._replace(hparams=canonical_hparams(state.hparams),
+                           client_hparams=canonical_hparams(state.client_hparams))
+    return _jitted_round(impl, config, state, arrays_only(data), key)
+
+  round_fn.__name__ = f"{name}_round"
+  round_fn.__doc__ = (f"One {name} round: (state, FederatedData, key) -> (state, metrics);"
+                      " one jit-compiled call.")
+  return round_fn
+
+
+def new_server_state(params: Any, server_optimizer: optax.GradientTransformation,
+                     client_hparams: dict, hparams: dict, client_states: Any = (),
+                     aggregator_state: Any = ()) -> ServerState:
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  return ServerState(
+      params=params,
+      server_opt_state=server_optimizer.init(params),
+      client_hparams=canonical_hparams(client_hparams),
+      hparams=canonical_hparams(hparams),
+      client_states=client_states,
+      aggregator_state=aggregator_state,
+      round=jnp.zeros((), jnp.int32))
+
+
+__all__ = ["FederatedAlgorithm", "SERVER_STREAM", "server_key", "apply_server_optimizer",
+           "check_round_inputs", "make_round", "new_server_state"]

@@ -1,0 +1,179 @@
+"""One client's local training: optax steps as a `lax.scan` over its own batches.
+
+A client with n_k real rows (out of N_max padded ones) and batch size B runs
+
+* `local_epochs=E`: exactly E * ceil(n_k / B) steps. Each epoch visits its
+  real rows once, in a fresh random order; the last batch of an epoch may be
+  partial and averages only its real rows. The scan has E * ceil(N_max / B)
+  steps for every client; a client's extra steps are exact no-ops (the new
+  parameters and optimizer state are discarded with `jnp.where`).
+* `local_steps=T`: exactly T steps whatever n_k is (FLamby's protocol). The
+  client's batch stream restarts with a fresh shuffle whenever it runs out;
+  batches at the end of a pass keep their real (partial) size.
+
+Randomness: the client key is `fold_in(round_key, site_id)`; the row order
+of pass e is `epoch_permutation(fold_in(client_key, e), mask_k)`. With
+`shuffle=False` every pass visits the rows in stored order, which makes a
+sequential reference loop trivial to write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_med.core.options import OptionError, check_positive_int
+
+# grad_fn(params, x_batch, y_batch, row_mask) -> (loss, grads)
+GradFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSchedule:
+  """How much local work a client does per round (static, hashable).
+
+  Exactly one of `epochs` and `steps` is set.
+  """
+  batch_size: int
+  epochs: int | None = None
+  steps: int | None = None
+  shuffle: bool = True
+
+  def num_scan_steps(self, n_max: int) -> int:
+    """Static length of the scan for sites padded to n_max rows."""
+    if self.steps is not None:
+      return self.steps
+    return self.epochs * (-(-n_max // self.batch_size))
+
+
+def make_schedule(name: str, batch_size: int, local_epochs: int | None,
+                  local_steps: int | None, shuffle: bool = True) -> LocalSchedule:
+  """Validates local-work options; `name` is the algorithm, for messages."""
+  check_positive_int(name, "batch_size", batch_size)
+  if local_epochs is not None and local_steps is not None:
+    raise OptionError(
+        f"{name}: give local_epochs or local_steps, not both (got"
+        f" local_epochs={local_epochs}, local_steps={local_steps})")
+  if local_epochs is None and local_steps is None:
+    raise OptionError(f"{name}: give local_epochs or local_steps")
+  if local_epochs is not None:
+    check_positive_int(name, "local_epochs", local_epochs)
+  else:
+    check_positive_int(name, "local_steps", local_steps)
+  if not isinstance(shuffle, bool):
+    raise OptionError(f"{name}: shuffle must be True or False, got {shuffle!r}")
+  return LocalSchedule(int(batch_size), None if local_epochs is None else int(local_epochs),
+                       None if local_steps is None else int(local_steps), shuffle)
+
+
+def client_keys(round_key: jax.Array, site_ids: jax.Array) -> jax.Array:
+  """Per-client keys `fold_in(round_key, site_ids[k])`, `[K]` keys."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(round_key, site_ids)
+
+
+def row_uniforms(key: jax.Array, num_rows: int) -> jax.Array:
+  """`[num_rows]` uniforms; entry i depends only on (key, i), not on num_rows.
+
+  So padding a site (a longer N_max) leaves its real rows' draws unchanged.
+  """
+  return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(
+      jnp.arange(num_rows, dtype=jnp.uint32))
+
+
+def epoch_permutation(key: jax.Array, mask: jax.Array, shuffle: bool = True) -> jax.Array:
+  """Row order of one pass: the real rows first (random order), padding last.
+
+  Args:
+    key: the pass's key, `fold_in(client_key, epoch)`.
+    mask: `[N_max]` bool row mask of one client.
+    shuffle: False keeps the stored order of the real rows.
+
+  Returns:
+    int32 `[N_max]` permutation whose first n_k entries are the real rows,
+    sorted by `row_uniforms(key, N_max)` (so the order of the real rows does
+    not depend on how much padding follows them).
+  """
+  if shuffle:
+    order_key = jnp.where(mask, row_uniforms(key, mask.shape[0]), 2.0)
+  else:
+    order_key = jnp.where(mask, 0.0, 1.0)
+  return jnp.argsort(order_key, stable=True).astype(jnp.int32)
+
+
+class LocalResult(NamedTuple):
+  params: Any          # the client's parameters after local training
+  opt_state: Any       # the client optimizer's final state
+  num_steps: jax.Array  # int32 (): steps actually taken
+  mean_loss: jax.Array  # float32 (): mean of the batch losses before each step
+
+
+def local_training(grad_fn: GradFn, optimizer: optax.GradientTransformation,
+                   schedule: LocalSchedule, params: Any, opt_state: Any,
+                   x: jax.Array, y: jax.Array, mask: jax.Array,
+                   key: jax.Array) -> LocalResult:
+  """Runs one client's local optimisation as one `lax.scan`.
+
+  Args:
+    grad_fn: `(params, x_b [B, ...], y_b [B, ...], row_mask [B]) -> (loss, grads)`,
+      the client's local objective (mean over real rows) and its gradient.
+    optimizer: the client's optax transformation.
+    schedule: batch size and local epochs or steps.
+    params, opt_state: starting point.
+    x: `[N_max, ...]`; y: `[N_max, ...]`; mask: `[N_max]` bool, one client.
+    key: the client key.
+
+  Returns:
+    LocalResult. A client with n_k = 0 returns its inputs unchanged.
+  """
+  n_max = mask.shape[0]
+  b = schedule.batch_size
+  n_k = jnp.sum(mask, dtype=jnp.int32)
+  offsets = jnp.arange(b, dtype=jnp.int32)
+
+  if schedule.epochs is not None:
+    steps_per_epoch_max = -(-n_max // b)
+    perms = jax.vmap(
+        lambda e: epoch_permutation(jax.random.fold_in(key, e), mask, schedule.shuffle))(
+            jnp.arange(schedule.epochs))
+
+    def batch_at(t):
+      epoch, j = t // steps_per_epoch_max, t % steps_per_epoch_max
+      positions = j * b + offsets
+      return jnp.take(perms[epoch], positions, mode="clip"), positions < n_k
+  else:
+    steps_per_epoch = jnp.maximum((n_k + b - 1) // b, 1)
+
+    def batch_at(t):
+      epoch, j = t // steps_per_epoch, t % steps_per_epoch
+      perm = epoch_permutation(jax.random.fold_in(key, epoch), mask, schedule.shuffle)
+      positions = j * b + offsets
+      return jnp.take(perm, positions, mode="clip"), positions < n_k
+
+  def step(carry, t):
+    params, opt_state, loss_sum, taken = carry
+    idx, row_mask = batch_at(t)
+    active = jnp.any(row_mask)
+    loss, grads = grad_fn(params, x[idx], y[idx], row_mask)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jnp.where(active, new, old)
+    params = jax.tree_util.tree_map(keep, new_params, params)
+    opt_state = jax.tree_util.tree_map(keep, new_opt_state, opt_state)
+    loss_sum = loss_sum + jnp.where(active, loss, 0.0)
+    return (params, opt_state, loss_sum, taken + active.astype(jnp.int32)), None
+
+  num_steps = schedule.num_scan_steps(n_max)
+  init = (params, opt_state, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  (params, opt_state, loss_sum, taken), _ = jax.lax.scan(
+      step, init, jnp.arange(num_steps, dtype=jnp.int32))
+  mean_loss = loss_sum / jnp.maximum(taken, 1).astype(jnp.float32)
+  return LocalResult(params, opt_state, taken, mean_loss)
+
+
+__all__ = ["LocalSchedule", "make_schedule", "client_keys", "row_uniforms",
+           "epoch_permutation",
+           "LocalResult", "local_training"]

@@ -1,0 +1,102 @@
+"""The federated objective, written as every FL paper writes it.
+
+    F(w) = sum_k (n_k / n) F_k(w),     F_k(w) = (1 / n_k) sum_{i <= n_k} f(w; x_ki, y_ki)
+
+`loss_fn` contract. Two kinds of loss are accepted:
+
+* per-example (the default): `loss_fn(params, x, y) -> [B]`, one loss per row.
+  A batch's loss is the mean over its real rows (padded rows never count).
+* batch-level, marked with `@batch_loss`: `loss_fn(params, x, y, mask) -> ()`
+  for losses that are not sums of independent terms (e.g. the Cox partial
+  likelihood, whose risk set spans the batch). It receives the `[B]` row mask
+  and must ignore padded rows itself; it returns the batch's mean loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_med.core.federated_data import FederatedData
+
+LossFn = Callable[..., jax.Array]
+
+_BATCH_LOSS_ATTR = "_fedjax_med_batch_loss"
+
+
+def batch_loss(fn: LossFn) -> LossFn:
+  """Marks `fn(params, x, y, mask) -> scalar` as a batch-level loss."""
+  setattr(fn, _BATCH_LOSS_ATTR, True)
+  return fn
+
+
+def is_batch_loss(fn: LossFn) -> bool:
+  return bool(getattr(fn, _BATCH_LOSS_ATTR, False))
+
+
+def masked_mean_loss(loss_fn: LossFn, params: Any, x: jax.Array, y: jax.Array,
+                     mask: jax.Array) -> jax.Array:
+  """Mean loss over the real rows of one batch.
+
+  Args:
+    loss_fn: per-example or batch-level loss (see module docstring).
+    params: model parameters.
+    x: `[B, *feature_shape]`; y: `[B, *label_shape]`; mask: `[B]` bool.
+
+  Returns:
+    `(1 / m) sum_{i: mask_i} f(params; x_i, y_i)` with m = sum(mask); 0 when
+    the batch has no real row (so that its gradient is exactly zero).
+  """
+  if is_batch_loss(loss_fn):
+    value = jnp.asarray(loss_fn(params, x, y, mask))
+    if value.shape != ():
+      raise ValueError(
+          f"batch-level loss_fn must return a scalar, got shape {value.shape}")
+    return jnp.where(jnp.any(mask), value, 0.0)
+  losses = jnp.asarray(loss_fn(params, x, y))
+  if losses.shape != mask.shape:
+    raise ValueError(
+        f"loss_fn must return per-example losses of shape [B] = {mask.shape},"
+        f" got {losses.shape}; return the unreduced loss, or mark a batch-level"
+        " loss with fedjax_med.batch_loss")
+  total = jnp.sum(jnp.where(mask, losses, 0.0))
+  count = jnp.sum(mask)
+  return total / jnp.maximum(count, 1).astype(total.dtype)
+
+
+def loss_and_grad(loss_fn: LossFn) -> Callable:
+  """`(params, x, y, mask) -> (mean loss over real rows, its gradient)`."""
+  return jax.value_and_grad(
+      lambda params, x, y, mask: masked_mean_loss(loss_fn, params, x, y, mask))
+
+
+def site_objectives(loss_fn: LossFn, params: Any, data: FederatedData) -> jax.Array:
+  """F_k(w) for every site: `[K]`; an empty site's F_k is 0 (its weight is 0).
+
+  Each site's whole padded data is one batch, so batch-level losses see the
+  site's full risk set.
+  """
+  return jax.vmap(lambda x, y, m: masked_mean_loss(loss_fn, params, x, y, m))(
+      data.x, data.y, data.mask)
+
+
+def site_weights(data: FederatedData) -> jax.Array:
+  """p_k = n_k / n, `[K]`, summing to 1."""
+  n_k = data.num_examples.astype(jnp.float32)
+  return n_k / jnp.sum(n_k)
+
+
+def weighted_objective(loss_fn: LossFn, params: Any, data: FederatedData) -> jax.Array:
+  """F(w) = sum_k (n_k / n) F_k(w), exactly (McMahan et al. 2017, eq. 1).
+
+  For a per-example loss this equals the mean loss over all n pooled rows;
+  FedSGD's round is one gradient step on it.
+  """
+  return jnp.sum(site_weights(data) * site_objectives(loss_fn, params, data))
+
+
+__all__ = ["batch_loss", "is_batch_loss", "masked_mean_loss", "loss_and_grad",
+           "site_objectives",
+           "site_weights", "weighted_objective"]

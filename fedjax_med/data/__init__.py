@@ -1,0 +1,1 @@
+"""Bundled real multi-site medical data (offline) and data utilities."""

@@ -1,0 +1,6 @@
+"""Flax models. The core only ever uses a model through `apply(params, x)`."""
+
+from fedjax_med.models.logistic import LogisticRegression
+from fedjax_med.models.mlp import MLP
+
+__all__ = ["LogisticRegression", "MLP"]
