@@ -32,6 +32,7 @@ from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimize
 from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
 from fedjax_med.core.objective import loss_and_grad
 from fedjax_med.core.options import check_choice, check_optimizer, reject_unknown
+from fedjax_med.core.tree import tree_l2_norm
 from fedjax_med.core.state import init_client_optimizer, injected_hyperparams
 
 SGD_LR_1 = optax.sgd(1.0)
@@ -127,7 +128,7 @@ def _fedavg_round(config: FedAvgConfig, state, data, key):
       "client_train_loss": losses,
       "client_steps": steps,
       "num_examples": num_examples,
-      "update_norm": optax.global_norm(delta),
+      "update_norm": tree_l2_norm(delta),
       **agg_metrics,
   }
   new_state = state._replace(params=params, server_opt_state=server_opt_state,

@@ -24,6 +24,7 @@ from fedjax_med.core import aggregation as agg
 from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
                                        make_round, new_server_state, server_key)
 from fedjax_med.core.objective import loss_and_grad
+from fedjax_med.core.tree import tree_l2_norm
 from fedjax_med.core.options import check_choice, check_optimizer, reject_unknown
 
 
@@ -85,7 +86,7 @@ def _fedsgd_round(config: FedSGDConfig, state, data, key):
       "train_loss": jnp.sum(agg.normalized(weights) * losses),
       "client_train_loss": losses,
       "num_examples": num_examples,
-      "update_norm": optax.global_norm(grad),
+      "update_norm": tree_l2_norm(grad),
       **agg_metrics,
   }
   new_state = state._replace(params=params, server_opt_state=server_opt_state,

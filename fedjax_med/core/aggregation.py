@@ -14,6 +14,7 @@ the way `optax.chain` composes gradient transformations.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -76,8 +77,13 @@ def weighted_sum(updates: Any, coefficients: jax.Array) -> Any:
       lambda u: jnp.tensordot(coefficients.astype(u.dtype), u, axes=(0, 0)), updates)
 
 
+@functools.cache
 def weighted_mean() -> Aggregator:
-  """sum_k w_k u_k / sum_k w_k (zero when no site has weight)."""
+  """sum_k w_k u_k / sum_k w_k (zero when no site has weight).
+
+  Cached: every call returns the same object, so algorithms built separately
+  with the default aggregator share one compiled round.
+  """
 
   def init(update_template):
     del update_template

@@ -309,12 +309,12 @@ class FederatedData:
 
   def site(self, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The real rows `(x_k [n_k, ...], y_k [n_k, ...])` of site k, as numpy."""
-    m = np.asarray(self.mask[k])
-    return np.asarray(self.x[k])[m], np.asarray(self.y[k])[m]
+    return self.sites()[k]
 
   def sites(self) -> list[tuple[np.ndarray, np.ndarray]]:
-    """All K sites' real rows, as `from_sites` takes them."""
-    return [self.site(k) for k in range(self.num_sites)]
+    """All K sites' real rows, as `from_sites` takes them (numpy, on host)."""
+    x, y, mask = np.asarray(self.x), np.asarray(self.y), np.asarray(self.mask)
+    return [(x[k][mask[k]], y[k][mask[k]]) for k in range(self.num_sites)]
 
   def replace(self, **fields) -> "FederatedData":
     """A copy with some of x, y, mask, site_names, label_type replaced."""

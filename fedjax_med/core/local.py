@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_med.core.options import OptionError, check_positive_int
+from fedjax_med.core.tree import tree_select
 
 # grad_fn(params, x_batch, y_batch, row_mask) -> (loss, grads)
 GradFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -160,9 +161,8 @@ def local_training(grad_fn: GradFn, optimizer: optax.GradientTransformation,
     loss, grads = grad_fn(params, x[idx], y[idx], row_mask)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jnp.where(active, new, old)
-    params = jax.tree_util.tree_map(keep, new_params, params)
-    opt_state = jax.tree_util.tree_map(keep, new_opt_state, opt_state)
+    params = tree_select(active, new_params, params)
+    opt_state = tree_select(active, new_opt_state, opt_state)
     loss_sum = loss_sum + jnp.where(active, loss, 0.0)
     return (params, opt_state, loss_sum, taken + active.astype(jnp.int32)), None
 
