@@ -16,6 +16,7 @@ from fedjax_med import evaluation
 from fedjax_med import losses
 from fedjax_med import metrics
 from fedjax_med import models
+from fedjax_med import optimizers
 from fedjax_med import report
 from fedjax_med.core import aggregation as aggregators
 from fedjax_med.core.aggregation import Aggregator, ClientTransform, client_weights
@@ -31,7 +32,8 @@ from fedjax_med.experiment import run_rounds
 __version__ = "0.1.0"
 
 __all__ = [
-    "algorithms", "datasets", "evaluation", "losses", "metrics", "models", "report",
+    "algorithms", "datasets", "evaluation", "losses", "metrics", "models", "optimizers",
+    "report",
     "aggregators", "Aggregator", "ClientTransform", "client_weights",
     "FederatedAlgorithm", "FederatedData", "LocalSchedule", "epoch_permutation",
     "batch_loss", "masked_mean_loss", "site_objectives", "site_weights",

@@ -8,6 +8,7 @@ tests compare two implementations, not one with itself.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,40 @@ def np_bce_grad(w, b, x, y):
 def np_bce_mean(w, b, x, y):
   z = x @ w + b
   return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+
+def ref_order(client_key, epoch, mask_row, n_k, shuffle=True):
+  """Row order of pass `epoch` for one client (fm.epoch_permutation's contract)."""
+  if not shuffle:
+    return np.arange(n_k)
+  perm = np.asarray(fm.epoch_permutation(jax.random.fold_in(client_key, epoch),
+                                         jnp.asarray(mask_row)))
+  return perm[:n_k]
+
+
+def ref_local_sgd(w, b, x, y, lr, batch, mask_row, client_key, *, epochs=None, steps=None,
+                  shuffle=True, extra_grad=None):
+  """One client's sequential SGD in float64: returns (w_k, b_k, steps_taken).
+
+  extra_grad(w, b, w_now, b_now) -> (dw, db) is added to each batch gradient
+  (a proximal term, a control-variate correction, ...).
+  """
+  n = len(y)
+  w0, b0 = np.array(w, np.float64), float(b)
+  w, b = w0.copy(), b0
+  if n == 0:
+    return w, b, 0
+  per_epoch = math.ceil(n / batch)
+  total = epochs * per_epoch if epochs is not None else steps
+  for t in range(total):
+    epoch, j = divmod(t, per_epoch)
+    rows = ref_order(client_key, epoch, mask_row, n, shuffle)[j * batch:(j + 1) * batch]
+    gw, gb = np_bce_grad(w, b, x[rows].astype(np.float64), y[rows].astype(np.float64))
+    if extra_grad is not None:
+      dw, db = extra_grad(w, b)
+      gw, gb = gw + dw, gb + db
+    w, b = w - lr * gw, b - lr * gb
+  return w, b, total
 
 
 def make_sites(sizes, dim=3, seed=0):

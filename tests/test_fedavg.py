@@ -15,35 +15,17 @@ import optax
 import pytest
 
 import fedjax_med as fm
-from conftest import (bce_loss, count_compilations, init_params, make_sites, np_bce_grad,
-                      to_np)
+from conftest import (bce_loss, count_compilations, init_params, make_sites, ref_local_sgd,
+                      ref_order, to_np)
+
+
+def reference_local_sgd(w, b, x, y, lr, batch, mask_row, round_key, site_id, **kwargs):
+  return ref_local_sgd(w, b, x, y, lr, batch, mask_row,
+                       jax.random.fold_in(round_key, site_id), **kwargs)
 
 
 def _order(round_key, site_id, epoch, mask_row, n_k, shuffle):
-  if not shuffle:
-    return np.arange(n_k)
-  client_key = jax.random.fold_in(round_key, site_id)
-  perm = np.asarray(fm.epoch_permutation(jax.random.fold_in(client_key, epoch),
-                                         jnp.asarray(mask_row)))
-  return perm[:n_k]
-
-
-def reference_local_sgd(w, b, x, y, lr, batch, mask_row, round_key, site_id, *,
-                        epochs=None, steps=None, shuffle=True):
-  """One client, sequential SGD in float64; returns (w_k, b_k, steps_taken)."""
-  n = len(y)
-  w, b = w.copy(), b
-  if n == 0:
-    return w, b, 0
-  per_epoch = math.ceil(n / batch)
-  total = epochs * per_epoch if epochs is not None else steps
-  for t in range(total):
-    epoch, j = divmod(t, per_epoch)
-    order = _order(round_key, site_id, epoch, mask_row, n, shuffle)
-    rows = order[j * batch:(j + 1) * batch]          # last batch may be partial
-    gw, gb = np_bce_grad(w, b, x[rows].astype(np.float64), y[rows].astype(np.float64))
-    w, b = w - lr * gw, b - lr * gb
-  return w, b, total
+  return ref_order(jax.random.fold_in(round_key, site_id), epoch, mask_row, n_k, shuffle)
 
 
 def reference_fedavg_round(params, sites, mask, lr, batch, round_key, weighting="num_examples",

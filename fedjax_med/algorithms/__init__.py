@@ -1,7 +1,16 @@
 """Federated algorithms, each an (init, round) pair in its own small file."""
 
+from fedjax_med.algorithms.cyclic import cyclic
+from fedjax_med.algorithms.ditto import ditto
 from fedjax_med.algorithms.fedavg import fedavg
+from fedjax_med.algorithms.fednova import fednova
+from fedjax_med.algorithms.fedopt import fedadagrad, fedadam, fedyogi
+from fedjax_med.algorithms.fedper import fedper
+from fedjax_med.algorithms.fedprox import fedprox
 from fedjax_med.algorithms.fedsgd import fedsgd
+from fedjax_med.algorithms.finetune import fedavg_finetune
 from fedjax_med.algorithms.local import local_only
+from fedjax_med.algorithms.scaffold import scaffold
 
-__all__ = ["fedavg", "fedsgd", "local_only"]
+__all__ = ["cyclic", "ditto", "fedadagrad", "fedadam", "fedavg", "fedavg_finetune",
+           "fednova", "fedper", "fedprox", "fedsgd", "fedyogi", "local_only", "scaffold"]

@@ -1,8 +1,8 @@
 """Federated Averaging (McMahan et al., AISTATS 2017, Algorithm 1).
 
-Every round, each site k starts from the global model w, runs local optimizer
-steps on its own batches (local epochs or local steps), and reports the
-pseudo-gradient Delta_k = w - w_k. The server aggregates
+Every round, each participating site k starts from the global model w, runs
+local optimizer steps on its own batches (local epochs or local steps), and
+reports the pseudo-gradient Delta_k = w - w_k. The server aggregates
 
     Delta = sum_k p_k Delta_k,   p_k = n_k / n   (weighting="num_examples")
                                  p_k = 1 / K'    (weighting="uniform", K' non-empty sites)
@@ -11,10 +11,14 @@ and applies its optax transformation to Delta. With `optax.sgd(1.0)` this is
 w <- sum_k p_k w_k, McMahan et al.'s update for the objective
 F(w) = sum_k (n_k/n) F_k(w). The "uniform" average of client models is what
 the textbook tutorial loop computes; it optimises sum_k F_k(w) / K' instead,
-which weights a 30-patient hospital like a 200-patient one. Adaptive server
-optimizers (Reddi et al. 2021) plug in as `server_optimizer`.
+which weights a 30-patient hospital like a 200-patient one.
 
-All K sites run under one `jax.vmap` in one `jax.jit`-compiled round.
+This file also holds the round shared by the FedAvg family: FedProx adds a
+proximal term to the local objective (`fedprox.py`), FedNova normalises each
+Delta_k by its number of local steps (`fednova.py`), FedAdam/FedYogi/
+FedAdagrad change the server optimizer (`fedopt.py`).
+
+All participating sites run under one `jax.vmap` in one `jax.jit`-compiled round.
 """
 
 from __future__ import annotations
@@ -27,15 +31,21 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_med.core import aggregation as agg
+from fedjax_med.core import cohort as cohort_lib
 from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
-                                       make_round, new_server_state, server_key)
+                                       make_algorithm, new_server_state, server_key)
 from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
 from fedjax_med.core.objective import loss_and_grad
-from fedjax_med.core.options import check_choice, check_optimizer, reject_unknown
-from fedjax_med.core.tree import tree_l2_norm
+from fedjax_med.core.options import check_optimizer, reject_unknown
 from fedjax_med.core.state import init_client_optimizer, injected_hyperparams
+from fedjax_med.core.tree import tree_l2_norm
 
 SGD_LR_1 = optax.sgd(1.0)
+
+# Options every FedAvg-family constructor accepts.
+COMMON_OPTIONS = ("client_optimizer", "server_optimizer", "local_epochs", "local_steps",
+                  "batch_size", "weighting", "aggregator", "shuffle", "cohort_size",
+                  "sampling")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +54,36 @@ class FedAvgConfig:
   client_optimizer: optax.GradientTransformation
   server_optimizer: optax.GradientTransformation
   schedule: LocalSchedule
-  weighting: str
+  cohort: cohort_lib.CohortSpec
   aggregator: agg.Aggregator
+  proximal: bool = False     # FedProx: + mu/2 ||w - w_global||^2 locally
+  normalized: bool = False   # FedNova: Delta_k / tau_k, rescaled by tau_eff
+
+
+def build_fedavg_family(name: str, loss_fn, *, client_optimizer, server_optimizer,
+                        local_epochs, local_steps, batch_size, weighting, aggregator,
+                        shuffle, cohort_size, sampling, proximal=False, normalized=False,
+                        hparams=None) -> FederatedAlgorithm:
+  """Validates the common options and builds a FedAvg-family algorithm."""
+  if local_epochs is None and local_steps is None:
+    local_epochs = 1
+  config = FedAvgConfig(
+      loss_fn=loss_fn,
+      client_optimizer=check_optimizer(name, "client_optimizer", client_optimizer),
+      server_optimizer=check_optimizer(name, "server_optimizer", server_optimizer),
+      schedule=make_schedule(name, batch_size, local_epochs, local_steps, shuffle),
+      cohort=cohort_lib.make_cohort_spec(name, cohort_size, sampling, weighting),
+      aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
+      proximal=proximal, normalized=normalized)
+  hparams = dict(hparams or {})
+
+  def init(params):
+    return new_server_state(
+        params, config.server_optimizer,
+        client_hparams=injected_hyperparams(config.client_optimizer.init(params)),
+        hparams=hparams, aggregator_state=config.aggregator.init(params))
+
+  return make_algorithm(name, fedavg_family_round, config, loss_fn, init)
 
 
 def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
@@ -53,6 +91,7 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
            local_epochs: int | None = None, local_steps: int | None = None,
            batch_size: int = 32, weighting: str = "num_examples",
            aggregator: agg.Aggregator | None = None, shuffle: bool = True,
+           cohort_size: int | None = None, sampling: str = "uniform",
            **unknown_options) -> FederatedAlgorithm:
   """Builds FedAvg.
 
@@ -69,45 +108,44 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
     weighting: "num_examples" (p_k = n_k/n) or "uniform" (p_k = 1/K').
     aggregator: aggregation chain (default `weighted_mean()`).
     shuffle: reshuffle each site's rows every pass (False: stored order).
+    cohort_size: sites per round (None: all); see `fedjax_med.core.cohort`.
+    sampling: "uniform" or "num_examples" cohort sampling.
 
   Returns:
     FederatedAlgorithm with `init(params)` and `round(state, data, key)`.
-    Round metrics: train_loss (p-weighted mean of the sites' local batch
-    losses), client_train_loss [K], client_steps [K], num_examples [K],
-    update_norm (norm of the aggregated pseudo-gradient).
+    Round metrics: train_loss (p-weighted mean of the participants' local
+    batch losses), client_train_loss [C], client_steps [C], num_examples [C],
+    cohort [C] (site positions), update_norm (norm of the aggregate).
   """
-  reject_unknown("fedavg", unknown_options, _OPTIONS)
-  if local_epochs is None and local_steps is None:
-    local_epochs = 1
-  config = FedAvgConfig(
-      loss_fn=loss_fn,
-      client_optimizer=check_optimizer("fedavg", "client_optimizer", client_optimizer),
-      server_optimizer=check_optimizer("fedavg", "server_optimizer", server_optimizer),
-      schedule=make_schedule("fedavg", batch_size, local_epochs, local_steps, shuffle),
-      weighting=check_choice("fedavg", "weighting", weighting, agg.WEIGHTINGS),
-      aggregator=aggregator if aggregator is not None else agg.weighted_mean())
-
-  def init(params):
-    return new_server_state(
-        params, config.server_optimizer,
-        client_hparams=injected_hyperparams(config.client_optimizer.init(params)),
-        hparams={}, aggregator_state=config.aggregator.init(params))
-
-  return FederatedAlgorithm(init, make_round("fedavg", _fedavg_round, config, loss_fn),
-                            "fedavg")
+  reject_unknown("fedavg", unknown_options, COMMON_OPTIONS)
+  return build_fedavg_family(
+      "fedavg", loss_fn, client_optimizer=client_optimizer,
+      server_optimizer=server_optimizer, local_epochs=local_epochs,
+      local_steps=local_steps, batch_size=batch_size, weighting=weighting,
+      aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size, sampling=sampling)
 
 
-_OPTIONS = ("client_optimizer", "server_optimizer", "local_epochs", "local_steps",
-            "batch_size", "weighting", "aggregator", "shuffle")
+def proximal_grad_fn(loss_fn, mu: jax.Array, anchor: Any):
+  """Local objective F_k(w) + mu/2 ||w - anchor||^2 (FedProx); reports F_k only."""
+  grad_fn = loss_and_grad(loss_fn)
+
+  def fn(params, x, y, mask):
+    loss, grads = grad_fn(params, x, y, mask)
+    grads = jax.tree_util.tree_map(lambda g, w, a: g + mu * (w - a), grads, params, anchor)
+    return loss, grads
+
+  return fn
 
 
-def _fedavg_round(config: FedAvgConfig, state, data, key):
+def fedavg_family_round(config: FedAvgConfig, state, data, key):
   """One round on data.x [K, N_max, ...], data.y [K, N_max, ...], data.mask [K, N_max]."""
-  x, y, mask = data.x, data.y, data.mask
-  num_sites = mask.shape[0]
-  num_examples = jnp.sum(mask, axis=1, dtype=jnp.int32)
-  grad_fn = loss_and_grad(config.loss_fn)
   w = state.params
+  if config.proximal:
+    grad_fn = proximal_grad_fn(config.loss_fn, state.hparams["mu"], w)
+  else:
+    grad_fn = loss_and_grad(config.loss_fn)
+  cohort = cohort_lib.select_cohort(config.cohort, data, (), key)
+  x, y, mask = cohort.data.x, cohort.data.y, cohort.data.mask
 
   def client_update(x_k, y_k, mask_k, key_k):
     opt_state = init_client_optimizer(config.client_optimizer, w, state.client_hparams)
@@ -117,17 +155,29 @@ def _fedavg_round(config: FedAvgConfig, state, data, key):
     return delta, local.num_steps, local.mean_loss
 
   deltas, steps, losses = jax.vmap(client_update)(
-      x, y, mask, client_keys(key, data.site_ids))
-  weights = agg.client_weights(num_examples, config.weighting)
+      x, y, mask, client_keys(key, cohort.data.site_ids))
+  weights = cohort.weights
+  if config.normalized:
+    # FedNova (Wang et al. 2020): d_k = Delta_k / tau_k, Delta = tau_eff sum_k p_k d_k.
+    tau = steps.astype(jnp.float32)
+    deltas = jax.tree_util.tree_map(
+        lambda d: d / jnp.maximum(tau, 1.0).reshape((-1,) + (1,) * (d.ndim - 1)), deltas)
+    weights = jnp.where(steps > 0, weights, 0.0)
   delta, aggregator_state, agg_metrics = config.aggregator.aggregate(
       deltas, weights, state.aggregator_state, server_key(key))
+  if config.normalized:
+    tau_eff = jnp.sum(agg.normalized(weights) * tau)
+    delta = jax.tree_util.tree_map(lambda d: tau_eff * d, delta)
+    agg_metrics = {**agg_metrics, "tau_eff": tau_eff}
   params, server_opt_state = apply_server_optimizer(
       config.server_optimizer, w, state.server_opt_state, delta)
+  num_examples = jnp.sum(mask, axis=1, dtype=jnp.int32)
   metrics = {
       "train_loss": jnp.sum(agg.normalized(weights) * losses),
       "client_train_loss": losses,
       "client_steps": steps,
       "num_examples": num_examples,
+      "cohort": cohort_positions(cohort, num_examples.shape[0]),
       "update_norm": tree_l2_norm(delta),
       **agg_metrics,
   }
@@ -136,4 +186,12 @@ def _fedavg_round(config: FedAvgConfig, state, data, key):
   return new_state, metrics
 
 
-__all__ = ["fedavg", "FedAvgConfig"]
+def cohort_positions(cohort: cohort_lib.Cohort, size: int) -> jax.Array:
+  """[C] positions of the cohort's sites among the K sites."""
+  if cohort.indices is None:
+    return jnp.arange(size, dtype=jnp.int32)
+  return cohort.indices
+
+
+__all__ = ["fedavg", "FedAvgConfig", "build_fedavg_family", "fedavg_family_round",
+           "proximal_grad_fn", "COMMON_OPTIONS", "cohort_positions"]

@@ -20,27 +20,30 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_med.algorithms.fedavg import cohort_positions
 from fedjax_med.core import aggregation as agg
+from fedjax_med.core import cohort as cohort_lib
 from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
-                                       make_round, new_server_state, server_key)
+                                       make_algorithm, new_server_state, server_key)
 from fedjax_med.core.objective import loss_and_grad
 from fedjax_med.core.tree import tree_l2_norm
-from fedjax_med.core.options import check_choice, check_optimizer, reject_unknown
+from fedjax_med.core.options import check_optimizer, reject_unknown
 
 
 @dataclasses.dataclass(frozen=True)
 class FedSGDConfig:
   loss_fn: Any
   server_optimizer: optax.GradientTransformation
-  weighting: str
+  cohort: cohort_lib.CohortSpec
   aggregator: agg.Aggregator
 
 
-_OPTIONS = ("server_optimizer", "weighting", "aggregator")
+_OPTIONS = ("server_optimizer", "weighting", "aggregator", "cohort_size", "sampling")
 
 
 def fedsgd(loss_fn, *, server_optimizer: optax.GradientTransformation,
            weighting: str = "num_examples", aggregator: agg.Aggregator | None = None,
+           cohort_size: int | None = None, sampling: str = "uniform",
            **unknown_options) -> FederatedAlgorithm:
   """Builds FedSGD.
 
@@ -50,6 +53,7 @@ def fedsgd(loss_fn, *, server_optimizer: optax.GradientTransformation,
       e.g. `optax.sgd(lr)` (wrap with `optax.inject_hyperparams` to trace lr).
     weighting: "num_examples" (p_k = n_k/n) or "uniform" (p_k = 1/K').
     aggregator: aggregation chain (default `weighted_mean()`).
+    cohort_size, sampling: client sampling (see `fedjax_med.core.cohort`).
 
   Returns:
     FederatedAlgorithm. Round metrics: train_loss (= the p-weighted objective
@@ -60,24 +64,24 @@ def fedsgd(loss_fn, *, server_optimizer: optax.GradientTransformation,
   config = FedSGDConfig(
       loss_fn=loss_fn,
       server_optimizer=check_optimizer("fedsgd", "server_optimizer", server_optimizer),
-      weighting=check_choice("fedsgd", "weighting", weighting, agg.WEIGHTINGS),
+      cohort=cohort_lib.make_cohort_spec("fedsgd", cohort_size, sampling, weighting),
       aggregator=aggregator if aggregator is not None else agg.weighted_mean())
 
   def init(params):
     return new_server_state(params, config.server_optimizer, client_hparams={},
                             hparams={}, aggregator_state=config.aggregator.init(params))
 
-  return FederatedAlgorithm(init, make_round("fedsgd", _fedsgd_round, config, loss_fn),
-                            "fedsgd")
+  return make_algorithm("fedsgd", _fedsgd_round, config, loss_fn, init)
 
 
 def _fedsgd_round(config: FedSGDConfig, state, data, key):
   """One round on data.x [K, N_max, ...], data.y [K, N_max, ...], data.mask [K, N_max]."""
-  x, y, mask = data.x, data.y, data.mask
+  cohort = cohort_lib.select_cohort(config.cohort, data, (), key)
+  x, y, mask = cohort.data.x, cohort.data.y, cohort.data.mask
   num_examples = jnp.sum(mask, axis=1, dtype=jnp.int32)
   grad_fn = loss_and_grad(config.loss_fn)
   losses, grads = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0))(state.params, x, y, mask)
-  weights = agg.client_weights(num_examples, config.weighting)
+  weights = cohort.weights
   grad, aggregator_state, agg_metrics = config.aggregator.aggregate(
       grads, weights, state.aggregator_state, server_key(key))
   params, server_opt_state = apply_server_optimizer(
@@ -86,6 +90,7 @@ def _fedsgd_round(config: FedSGDConfig, state, data, key):
       "train_loss": jnp.sum(agg.normalized(weights) * losses),
       "client_train_loss": losses,
       "num_examples": num_examples,
+      "cohort": cohort_positions(cohort, num_examples.shape[0]),
       "update_norm": tree_l2_norm(grad),
       **agg_metrics,
   }

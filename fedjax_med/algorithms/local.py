@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_med.core.algorithm import FederatedAlgorithm, make_round, new_server_state
+from fedjax_med.core.algorithm import (FederatedAlgorithm, check_num_sites, make_algorithm,
+                                       new_server_state, stack_sites)
 from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
 from fedjax_med.core.objective import loss_and_grad
 from fedjax_med.core.options import check_optimizer, check_positive_int, reject_unknown
@@ -65,23 +66,19 @@ def local_only(loss_fn, *, optimizer: optax.GradientTransformation,
   def init(params, num_sites: int):
     check_positive_int("local_only.init", "num_sites", num_sites)
     opt_state = config.optimizer.init(params)
-    stack = lambda tree: jax.tree_util.tree_map(
-        lambda a: jnp.broadcast_to(jnp.asarray(a), (num_sites,) + jnp.shape(a)), tree)
     return new_server_state(
         params, optax.identity(), client_hparams=injected_hyperparams(opt_state),
-        hparams={}, client_states={"params": stack(params), "opt_state": stack(opt_state)})
+        hparams={}, client_states={"params": stack_sites(params, num_sites),
+                                   "opt_state": stack_sites(opt_state, num_sites)})
 
-  return FederatedAlgorithm(init, make_round("local_only", _local_round, config, loss_fn),
-                            "local_only")
+  return make_algorithm("local_only", _local_round, config, loss_fn, init,
+                        personalize=lambda state, data, key: state.client_states["params"])
 
 
 def _local_round(config: LocalConfig, state, data, key):
   x, y, mask = data.x, data.y, data.mask
   num_sites = mask.shape[0]
-  sites_in_state = jax.tree_util.tree_leaves(state.client_states["params"])[0].shape[0]
-  if sites_in_state != num_sites:
-    raise ValueError(f"local_only: state was built for {sites_in_state} sites but data"
-                     f" has {num_sites}")
+  check_num_sites("local_only", state.client_states, num_sites)
   grad_fn = loss_and_grad(config.loss_fn)
 
   def site_update(params, opt_state, x_k, y_k, mask_k, key_k):

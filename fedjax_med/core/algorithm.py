@@ -31,10 +31,24 @@ SERVER_STREAM = np.uint32(2**32 - 1)
 
 
 class FederatedAlgorithm(NamedTuple):
-  """init(params, ...) -> ServerState; round(state, data, key) -> (state, metrics)."""
+  """An algorithm as a pair of pure functions, plus what personalisation needs.
+
+  init(params, ...) -> ServerState
+  round(state, data, key) -> (state, metrics): checks its inputs on the host,
+    then runs one jit-compiled call.
+  name: for progress bars and records.
+  pure_round(state, data, key) -> (state, metrics): the same round without
+    host-side checks, traceable: jit it, vmap it over seeds or
+    hyperparameters, or lax.scan it over rounds.
+  personalize: for personalised methods, `personalize(state, data, key)`
+    -> per-site parameters stacked on a leading K axis (None otherwise).
+  """
   init: Callable[..., ServerState]
   round: Callable[[ServerState, FederatedData, jax.Array], tuple[ServerState, dict]]
   name: str = "federated_algorithm"
+  pure_round: Callable[[ServerState, FederatedData, jax.Array],
+                       tuple[ServerState, dict]] | None = None
+  personalize: Callable[[ServerState, FederatedData, jax.Array], Any] | None = None
 
 
 def _call_impl(impl, config, state, data, key):
@@ -102,9 +116,20 @@ def make_round(name: str, impl: Callable, config: Any, loss_fn) -> Callable:
   return round_fn
 
 
+def make_algorithm(name: str, impl: Callable, config: Any, loss_fn, init: Callable,
+                   personalize: Callable | None = None) -> FederatedAlgorithm:
+  """Bundles init, the checked jit round and the pure round of `impl`."""
+
+  def pure_round(state: ServerState, data: FederatedData, key: jax.Array):
+    return impl(config, state, arrays_only(data), key)
+
+  return FederatedAlgorithm(init=init, round=make_round(name, impl, config, loss_fn),
+                            name=name, pure_round=pure_round, personalize=personalize)
+
+
 def new_server_state(params: Any, server_optimizer: optax.GradientTransformation,
                      client_hparams: dict, hparams: dict, client_states: Any = (),
-                     aggregator_state: Any = ()) -> ServerState:
+                     aggregator_state: Any = (), algorithm_state: Any = ()) -> ServerState:
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return ServerState(
       params=params,
@@ -113,8 +138,24 @@ def new_server_state(params: Any, server_optimizer: optax.GradientTransformation
       hparams=canonical_hparams(hparams),
       client_states=client_states,
       aggregator_state=aggregator_state,
-      round=jnp.zeros((), jnp.int32))
+      round=jnp.zeros((), jnp.int32),
+      algorithm_state=algorithm_state)
+
+
+def stack_sites(tree: Any, num_sites: int) -> Any:
+  """`num_sites` copies of every leaf on a new leading K axis."""
+  return jax.tree_util.tree_map(
+      lambda a: jnp.broadcast_to(jnp.asarray(a), (num_sites,) + jnp.shape(a)), tree)
+
+
+def check_num_sites(name: str, client_states: Any, num_sites: int) -> None:
+  """Trace-time check that per-site state matches the data's K."""
+  leaves = jax.tree_util.tree_leaves(client_states)
+  if leaves and leaves[0].shape[0] != num_sites:
+    raise ValueError(f"{name}: state was built for {leaves[0].shape[0]} sites but data"
+                     f" has {num_sites}; call init(params, num_sites={num_sites})")
 
 
 __all__ = ["FederatedAlgorithm", "SERVER_STREAM", "server_key", "apply_server_optimizer",
-           "check_round_inputs", "make_round", "new_server_state"]
+           "check_round_inputs", "make_round", "make_algorithm", "new_server_state",
+           "stack_sites", "check_num_sites"]

@@ -44,6 +44,8 @@ class ServerState(NamedTuple):
       (control variates, personal heads, ...), or () when stateless.
     aggregator_state: state of the aggregation chain.
     round: int32 scalar, rounds completed.
+    algorithm_state: server-side state of the algorithm itself (e.g.
+      SCAFFOLD's server control variate), or ().
   """
   params: Any
   server_opt_state: Any
@@ -52,6 +54,7 @@ class ServerState(NamedTuple):
   client_states: Any
   aggregator_state: Any
   round: jax.Array
+  algorithm_state: Any = ()
 
 
 def _is_injected(node) -> bool:

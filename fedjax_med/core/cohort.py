@@ -1,0 +1,107 @@
+"""Client sampling: which sites take part in a round, and with what weight.
+
+A round may train only a cohort of C of the K sites. The cohort is drawn from
+`fold_in(round_key, SAMPLING_STREAM)`, the round gathers the cohort's rows and
+client states (`x[idx]`, ...) and vmaps over C, so its cost follows the cohort,
+not K; only participants' client states change.
+
+* `sampling="uniform"`: C distinct sites, uniformly without replacement
+  (McMahan et al. 2017); the cohort's updates are averaged with the usual
+  weights restricted to the cohort (n_k, or 1 for `weighting="uniform"`).
+* `sampling="num_examples"`: C draws with replacement, site k with
+  probability n_k / n, and each draw weighted 1/C (Li et al., FedProx, 2020,
+  sampling scheme I): an unbiased estimate of sum_k (n_k/n) Delta_k. A site
+  drawn twice counts twice (its two copies see the same key, so they agree).
+  Requires `weighting="num_examples"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_med.core import aggregation as agg
+from fedjax_med.core.options import OptionError, check_choice, check_positive_int
+
+SAMPLINGS = ("uniform", "num_examples")
+SAMPLING_STREAM = np.uint32(2**32 - 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortSpec:
+  """Static cohort options: size None = every site, every round."""
+  size: int | None = None
+  sampling: str = "uniform"
+  weighting: str = "num_examples"
+
+
+def make_cohort_spec(name: str, cohort_size: int | None, sampling: str,
+                     weighting: str) -> CohortSpec:
+  check_choice(name, "weighting", weighting, agg.WEIGHTINGS)
+  check_choice(name, "sampling", sampling, SAMPLINGS)
+  if cohort_size is not None:
+    check_positive_int(name, "cohort_size", cohort_size)
+  if sampling == "num_examples" and weighting != "num_examples":
+    raise OptionError(
+        f"{name}: sampling='num_examples' already weights sites by n_k; it needs"
+        f" weighting='num_examples', got {weighting!r}")
+  return CohortSpec(None if cohort_size is None else int(cohort_size), sampling, weighting)
+
+
+class Cohort(NamedTuple):
+  indices: jax.Array | None  # [C] positions in the K sites, None = all sites
+  data: Any                  # FederatedData restricted to the cohort
+  client_states: Any         # client states of the cohort ([C, ...] leaves)
+  weights: jax.Array         # [C] raw aggregation weights
+
+
+def sample_indices(spec: CohortSpec, num_examples: jax.Array, key: jax.Array) -> jax.Array:
+  """[C] site positions for this round."""
+  num_sites = num_examples.shape[0]
+  if spec.sampling == "uniform":
+    if spec.size > num_sites:
+      raise ValueError(f"cohort_size={spec.size} > number of sites K={num_sites}")
+    return jax.random.choice(key, num_sites, (spec.size,), replace=False).astype(jnp.int32)
+  n = num_examples.astype(jnp.float32)
+  return jax.random.choice(key, num_sites, (spec.size,), replace=True,
+                           p=n / jnp.sum(n)).astype(jnp.int32)
+
+
+def take_sites(tree: Any, indices: jax.Array | None) -> Any:
+  """Leaves restricted to the sites `indices` along the leading axis."""
+  if indices is None:
+    return tree
+  return jax.tree_util.tree_map(lambda a: a[indices], tree)
+
+
+def put_sites(full: Any, part: Any, indices: jax.Array | None) -> Any:
+  """`full` with the rows `indices` replaced by `part` (others untouched)."""
+  if indices is None:
+    return part
+  return jax.tree_util.tree_map(lambda f, p: f.at[indices].set(p), full, part)
+
+
+def select_cohort(spec: CohortSpec, data: Any, client_states: Any,
+                  round_key: jax.Array) -> Cohort:
+  """Samples the cohort and gathers its data, client states and weights."""
+  num_examples = jnp.sum(data.mask, axis=1, dtype=jnp.int32)
+  if spec.size is None:
+    return Cohort(None, data, client_states,
+                  agg.client_weights(num_examples, spec.weighting))
+  indices = sample_indices(spec, num_examples,
+                           jax.random.fold_in(round_key, SAMPLING_STREAM))
+  cohort_n = num_examples[indices]
+  if spec.sampling == "num_examples":
+    weights = (cohort_n > 0).astype(jnp.float32)
+  else:
+    weights = agg.client_weights(cohort_n, spec.weighting)
+  return Cohort(indices, take_sites(data, indices), take_sites(client_states, indices),
+                weights)
+
+
+__all__ = ["CohortSpec", "Cohort", "SAMPLINGS", "SAMPLING_STREAM", "make_cohort_spec",
+           "sample_indices", "take_sites", "put_sites", "select_cohort"]
