@@ -27,7 +27,7 @@ from fedjax_med.core.objective import (batch_loss, masked_mean_loss, site_object
                                        site_weights, weighted_objective)
 from fedjax_med.core.options import OptionError
 from fedjax_med.core.state import ServerState, set_hyperparams
-from fedjax_med.experiment import run_rounds
+from fedjax_med.experiment import run_rounds, run_seeds, stack_states
 
 __version__ = "0.1.0"
 
@@ -38,4 +38,5 @@ __all__ = [
     "FederatedAlgorithm", "FederatedData", "LocalSchedule", "epoch_permutation",
     "batch_loss", "masked_mean_loss", "site_objectives", "site_weights",
     "weighted_objective", "OptionError", "ServerState", "set_hyperparams", "run_rounds",
+    "run_seeds", "stack_states",
 ]

@@ -7,13 +7,15 @@ same seed gives bit-identical results and rounds never share randomness.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedjax_med.core.algorithm import FederatedAlgorithm
+from fedjax_med.core.algorithm import FederatedAlgorithm, arrays_only, check_round_inputs
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.options import check_positive_int
 from fedjax_med.core.state import ServerState
@@ -60,4 +62,47 @@ def run_rounds(algo: FederatedAlgorithm, state: ServerState, data: FederatedData
   return state, stacked
 
 
-__all__ = ["run_rounds", "round_key"]
+def stack_states(states: Sequence[ServerState]) -> ServerState:
+  """S states (e.g. one per seed) stacked on a new leading axis."""
+  return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def run_seeds(algo: FederatedAlgorithm, states: ServerState, data: FederatedData,
+              num_rounds: int, run_keys: jax.Array) -> tuple[ServerState, dict[str, np.ndarray]]:
+  """Runs S independent runs (seeds, or hyperparameter values) as one compiled call.
+
+  `jax.vmap` over the S runs of a `lax.scan` over rounds of `algo.pure_round`;
+  run s uses round keys `fold_in(run_keys[s], r)` exactly as `run_rounds`
+  does, so each run equals its sequential counterpart (to float rounding).
+
+  Args:
+    algo: a FederatedAlgorithm.
+    states: S states stacked on a leading axis (`stack_states`). Put
+      different hyperparameters in them (`set_hyperparams`) to sweep those.
+    data: training data, shared by the S runs.
+    num_rounds: rounds per run.
+    run_keys: `[S]` run keys.
+
+  Returns:
+    (final states [S, ...], history with leaves [S, num_rounds, ...]).
+  """
+  check_positive_int("run_seeds", "num_rounds", num_rounds)
+  if algo.pure_round is None:
+    raise ValueError(f"run_seeds: {algo.name} has no pure_round")
+  check_round_inputs(algo.name, None, jax.tree_util.tree_map(lambda a: a[0], states), data)
+  return _run_seeds_jit(algo.pure_round, num_rounds, states, arrays_only(data), run_keys)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _run_seeds_jit(pure_round, num_rounds, states, data, run_keys):
+
+  def one_run(state, run_key):
+    def body(state, r):
+      return pure_round(state, data, jax.random.fold_in(run_key, r))
+    return jax.lax.scan(body, state, jnp.arange(num_rounds))
+
+  states, history = jax.vmap(one_run)(states, run_keys)
+  return states, history
+
+
+__all__ = ["run_rounds", "round_key", "run_seeds", "stack_states"]
