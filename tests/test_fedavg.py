@@ -273,3 +273,34 @@ def test_round_rejects_wrong_data_type(algo):
   state = algo.init(init_params())
   with pytest.raises(TypeError, match="FederatedData"):
     algo.round(state, {"x": np.zeros((2, 3, 3))}, jax.random.PRNGKey(0))
+
+
+def test_gradient_estimator_hook_gets_traced_hparams_and_step_keys(data):
+  """A custom estimator: gradient * scale + 0 * noise(step key); keys differ per step."""
+  seen = []
+
+  def build(loss_fn, hparams):
+    base = fm.core.objective.loss_and_grad(loss_fn)
+
+    def grad_fn(params, x, y, mask, key):
+      loss, grads = base(params, x, y, mask)
+      seen.append(key.shape)
+      noise = jax.random.normal(key, ())
+      return loss, jax.tree_util.tree_map(lambda g: hparams["scale"] * g + 0.0 * noise, grads)
+
+    return grad_fn
+
+  estimator = fm.core.objective.GradientEstimator(build, {"scale": 1.0})
+  common = dict(client_optimizer=optax.sgd(0.2), local_epochs=1, batch_size=2)
+  custom = fm.algorithms.fedavg(bce_loss, gradient_estimator=estimator, **common)
+  plain = fm.algorithms.fedavg(bce_loss, **common)
+  params = init_params()
+  key = jax.random.PRNGKey(0)
+  state = custom.init(params)
+  assert float(state.hparams["scale"]) == 1.0
+  a = custom.round(state, data, key)[0].params
+  b = plain.round(plain.init(params), data, key)[0].params
+  np.testing.assert_allclose(a["w"], b["w"], rtol=1e-6)
+  frozen = custom.round(fm.set_hyperparams(state, scale=0.0), data, key)[0].params
+  np.testing.assert_array_equal(frozen["w"], params["w"])
+  assert seen  # traced with a key argument

@@ -106,7 +106,7 @@ def _ditto_round(config: DittoConfig, state, data, key):
   check_num_sites("ditto", state.client_states, data.mask.shape[0])
   cohort = cohort_lib.select_cohort(config.cohort, data, state.client_states, key)
   global_grad = loss_and_grad(config.loss_fn)
-  personal_grad = proximal_grad_fn(config.loss_fn, state.hparams["lam"], w)
+  personal_grad = proximal_grad_fn(global_grad, state.hparams["lam"], w)
 
   def client_update(x_k, y_k, mask_k, key_k, v_k):
     opt_state = init_client_optimizer(config.client_optimizer, w, state.client_hparams)
@@ -123,7 +123,7 @@ def _ditto_round(config: DittoConfig, state, data, key):
       cohort.data.x, cohort.data.y, cohort.data.mask,
       client_keys(key, cohort.data.site_ids), cohort.client_states["params"])
   delta, aggregator_state, agg_metrics = config.aggregator.aggregate(
-      deltas, cohort.weights, state.aggregator_state, server_key(key))
+      deltas, cohort.weights, state.aggregator_state, server_key(key), cohort.context)
   params, server_opt_state = apply_server_optimizer(
       config.server_optimizer, w, state.server_opt_state, delta)
   client_states = {"params": cohort_lib.put_sites(state.client_states["params"], v_new,

@@ -35,7 +35,7 @@ from fedjax_med.core import cohort as cohort_lib
 from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
                                        make_algorithm, new_server_state, server_key)
 from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
-from fedjax_med.core.objective import loss_and_grad
+from fedjax_med.core.objective import GradientEstimator, mean_gradient
 from fedjax_med.core.options import check_optimizer, reject_unknown
 from fedjax_med.core.state import init_client_optimizer, injected_hyperparams
 from fedjax_med.core.tree import tree_l2_norm
@@ -45,7 +45,7 @@ SGD_LR_1 = optax.sgd(1.0)
 # Options every FedAvg-family constructor accepts.
 COMMON_OPTIONS = ("client_optimizer", "server_optimizer", "local_epochs", "local_steps",
                   "batch_size", "weighting", "aggregator", "shuffle", "cohort_size",
-                  "sampling")
+                  "sampling", "gradient_estimator")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +58,15 @@ class FedAvgConfig:
   aggregator: agg.Aggregator
   proximal: bool = False     # FedProx: + mu/2 ||w - w_global||^2 locally
   normalized: bool = False   # FedNova: Delta_k / tau_k, rescaled by tau_eff
+  # GradientEstimator.build (its initial hparams go to the state, not here,
+  # so estimators differing only in numbers share one compiled round).
+  gradient: Any = mean_gradient().build
 
 
 def build_fedavg_family(name: str, loss_fn, *, client_optimizer, server_optimizer,
                         local_epochs, local_steps, batch_size, weighting, aggregator,
-                        shuffle, cohort_size, sampling, proximal=False, normalized=False,
+                        shuffle, cohort_size, sampling, gradient_estimator=None,
+                        proximal=False, normalized=False,
                         hparams=None) -> FederatedAlgorithm:
   """Validates the common options and builds a FedAvg-family algorithm."""
   if local_epochs is None and local_steps is None:
@@ -74,8 +78,9 @@ def build_fedavg_family(name: str, loss_fn, *, client_optimizer, server_optimize
       schedule=make_schedule(name, batch_size, local_epochs, local_steps, shuffle),
       cohort=cohort_lib.make_cohort_spec(name, cohort_size, sampling, weighting),
       aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
-      proximal=proximal, normalized=normalized)
-  hparams = dict(hparams or {})
+      proximal=proximal, normalized=normalized,
+      gradient=(gradient_estimator or mean_gradient()).build)
+  hparams = {**(gradient_estimator or mean_gradient()).hparams, **(hparams or {})}
 
   def init(params):
     return new_server_state(
@@ -92,6 +97,7 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
            batch_size: int = 32, weighting: str = "num_examples",
            aggregator: agg.Aggregator | None = None, shuffle: bool = True,
            cohort_size: int | None = None, sampling: str = "uniform",
+           gradient_estimator: GradientEstimator | None = None,
            **unknown_options) -> FederatedAlgorithm:
   """Builds FedAvg.
 
@@ -110,6 +116,8 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
     shuffle: reshuffle each site's rows every pass (False: stored order).
     cohort_size: sites per round (None: all); see `fedjax_med.core.cohort`.
     sampling: "uniform" or "num_examples" cohort sampling.
+    gradient_estimator: how a client turns a batch into a gradient (default:
+      the mean gradient; e.g. a DP-SGD estimator from `fedjax_med.privacy`).
 
   Returns:
     FederatedAlgorithm with `init(params)` and `round(state, data, key)`.
@@ -122,15 +130,19 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
       "fedavg", loss_fn, client_optimizer=client_optimizer,
       server_optimizer=server_optimizer, local_epochs=local_epochs,
       local_steps=local_steps, batch_size=batch_size, weighting=weighting,
-      aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size, sampling=sampling)
+      aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size, sampling=sampling,
+      gradient_estimator=gradient_estimator)
 
 
-def proximal_grad_fn(loss_fn, mu: jax.Array, anchor: Any):
-  """Local objective F_k(w) + mu/2 ||w - anchor||^2 (FedProx); reports F_k only."""
-  grad_fn = loss_and_grad(loss_fn)
+def proximal_grad_fn(grad_fn, mu: jax.Array, anchor: Any):
+  """Adds the gradient of mu/2 ||w - anchor||^2 to `grad_fn`'s (FedProx, Ditto).
 
-  def fn(params, x, y, mask):
-    loss, grads = grad_fn(params, x, y, mask)
+  The local objective becomes F_k(w) + mu/2 ||w - anchor||^2; the reported
+  loss stays F_k's.
+  """
+
+  def fn(params, x, y, mask, key=None):
+    loss, grads = grad_fn(params, x, y, mask, key)
     grads = jax.tree_util.tree_map(lambda g, w, a: g + mu * (w - a), grads, params, anchor)
     return loss, grads
 
@@ -140,10 +152,9 @@ def proximal_grad_fn(loss_fn, mu: jax.Array, anchor: Any):
 def fedavg_family_round(config: FedAvgConfig, state, data, key):
   """One round on data.x [K, N_max, ...], data.y [K, N_max, ...], data.mask [K, N_max]."""
   w = state.params
+  grad_fn = config.gradient(config.loss_fn, state.hparams)
   if config.proximal:
-    grad_fn = proximal_grad_fn(config.loss_fn, state.hparams["mu"], w)
-  else:
-    grad_fn = loss_and_grad(config.loss_fn)
+    grad_fn = proximal_grad_fn(grad_fn, state.hparams["mu"], w)
   cohort = cohort_lib.select_cohort(config.cohort, data, (), key)
   x, y, mask = cohort.data.x, cohort.data.y, cohort.data.mask
 
@@ -164,7 +175,7 @@ def fedavg_family_round(config: FedAvgConfig, state, data, key):
         lambda d: d / jnp.maximum(tau, 1.0).reshape((-1,) + (1,) * (d.ndim - 1)), deltas)
     weights = jnp.where(steps > 0, weights, 0.0)
   delta, aggregator_state, agg_metrics = config.aggregator.aggregate(
-      deltas, weights, state.aggregator_state, server_key(key))
+      deltas, weights, state.aggregator_state, server_key(key), cohort.context)
   if config.normalized:
     tau_eff = jnp.sum(agg.normalized(weights) * tau)
     delta = jax.tree_util.tree_map(lambda d: tau_eff * d, delta)

@@ -107,7 +107,7 @@ def _fedper_round(config: FedPerConfig, state, data, key):
       cohort.data.x, cohort.data.y, cohort.data.mask,
       client_keys(key, cohort.data.site_ids), cohort.client_states["params"])
   delta, aggregator_state, agg_metrics = config.aggregator.aggregate(
-      deltas, cohort.weights, state.aggregator_state, server_key(key))
+      deltas, cohort.weights, state.aggregator_state, server_key(key), cohort.context)
   params, server_opt_state = apply_server_optimizer(
       config.server_optimizer, w, state.server_opt_state, delta)
   client_states = {"params": cohort_lib.put_sites(state.client_states["params"], own,

@@ -83,7 +83,7 @@ def _fedsgd_round(config: FedSGDConfig, state, data, key):
   losses, grads = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0))(state.params, x, y, mask)
   weights = cohort.weights
   grad, aggregator_state, agg_metrics = config.aggregator.aggregate(
-      grads, weights, state.aggregator_state, server_key(key))
+      grads, weights, state.aggregator_state, server_key(key), cohort.context)
   params, server_opt_state = apply_server_optimizer(
       config.server_optimizer, state.params, state.server_opt_state, grad)
   metrics = {

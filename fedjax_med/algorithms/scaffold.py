@@ -125,8 +125,8 @@ def _scaffold_round(config: ScaffoldConfig, state, data, key):
   def client_update(x_k, y_k, mask_k, key_k, c_k):
     correction = jax.tree_util.tree_map(jnp.subtract, c, c_k)       # c - c_k
 
-    def grad_fn(params, xb, yb, mb):
-      loss, grads = base_grad(params, xb, yb, mb)
+    def grad_fn(params, xb, yb, mb, step_key=None):
+      loss, grads = base_grad(params, xb, yb, mb, step_key)
       return loss, jax.tree_util.tree_map(jnp.add, grads, correction)
 
     opt_state = init_client_optimizer(_CLIENT_SGD, w, {"learning_rate": lr})
@@ -143,7 +143,7 @@ def _scaffold_round(config: ScaffoldConfig, state, data, key):
       cohort.data.x, cohort.data.y, cohort.data.mask,
       client_keys(key, cohort.data.site_ids), cohort.client_states["control"])
   delta, aggregator_state, agg_metrics = config.aggregator.aggregate(
-      deltas, cohort.weights, state.aggregator_state, server_key(key))
+      deltas, cohort.weights, state.aggregator_state, server_key(key), cohort.context)
   params, server_opt_state = apply_server_optimizer(
       config.server_optimizer, w, state.server_opt_state, delta)
 

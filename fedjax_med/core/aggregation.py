@@ -1,11 +1,14 @@
 """Server-side aggregation as (init, aggregate) pairs, chainable like optax.
 
-An `Aggregator` turns the K stacked client updates into one update:
+An `Aggregator` turns the C stacked client updates of a round's cohort into
+one update:
 
-    aggregate(updates [K, ...], weights [K], state, key) -> (update [...], state, metrics)
+    aggregate(updates [C, ...], weights [C], state, key, context) -> (update [...], state, metrics)
 
 `weights` are the raw, unnormalised client weights (n_k, or 1 per non-empty
-site for uniform weighting; 0 for a site that must not count). Links that act
+site for uniform weighting; 0 for a site that must not count). `context`
+says which sites the C rows are (`AggregationContext`), so links can keep
+per-site state (error-feedback residuals, ...) with a leading K axis. Links that act
 on each client's update before the reduction (clipping, noise, quantisation,
 rejection of non-finite updates, ...) are `ClientTransform`s, and
 `chain(link_1, ..., link_m, reducer)` composes them into one `Aggregator`,
@@ -25,26 +28,48 @@ from fedjax_med.core.options import check_choice
 WEIGHTINGS = ("num_examples", "uniform")
 
 
+class AggregationContext(NamedTuple):
+  """Which sites a round's C updates come from.
+
+  positions: `[C]` int32, each update's site position among the K sites.
+  num_sites: K (static).
+  num_examples: `[C]` int32, n_k of each update's site.
+  """
+  positions: jax.Array
+  num_sites: int
+  num_examples: jax.Array
+
+
+def full_context(num_examples: jax.Array) -> AggregationContext:
+  """Context of a round in which all K sites take part, in order."""
+  k = num_examples.shape[0]
+  return AggregationContext(jnp.arange(k, dtype=jnp.int32), k,
+                            num_examples.astype(jnp.int32))
+
+
 class Aggregator(NamedTuple):
   """(init, aggregate) pair.
 
   init(update_template) -> state, where update_template is one client's
     (unstacked) update pytree.
-  aggregate(updates, weights, state, key) -> (update, state, metrics):
-    updates has a leading K axis on every leaf; weights is `[K]` float32.
+  aggregate(updates, weights, state, key, context) -> (update, state, metrics):
+    updates has a leading C axis on every leaf; weights is `[C]` float32;
+    context an `AggregationContext`.
   """
   init: Callable[[Any], Any]
-  aggregate: Callable[[Any, jax.Array, Any, jax.Array], tuple[Any, Any, dict]]
+  aggregate: Callable[[Any, jax.Array, Any, jax.Array, AggregationContext],
+                      tuple[Any, Any, dict]]
 
 
 class ClientTransform(NamedTuple):
   """A link of the chain acting on the stacked client updates.
 
   init(update_template) -> state
-  apply(updates, weights, state, key) -> (updates, weights, state, metrics)
+  apply(updates, weights, state, key, context) -> (updates, weights, state, metrics)
   """
   init: Callable[[Any], Any]
-  apply: Callable[[Any, jax.Array, Any, jax.Array], tuple[Any, jax.Array, Any, dict]]
+  apply: Callable[[Any, jax.Array, Any, jax.Array, AggregationContext],
+                  tuple[Any, jax.Array, Any, dict]]
 
 
 def client_weights(num_examples: jax.Array, weighting: str) -> jax.Array:
@@ -89,8 +114,8 @@ def weighted_mean() -> Aggregator:
     del update_template
     return ()
 
-  def aggregate(updates, weights, state, key):
-    del key
+  def aggregate(updates, weights, state, key, context):
+    del key, context
     return weighted_sum(updates, normalized(weights)), state, {}
 
   return Aggregator(init, aggregate)
@@ -121,14 +146,14 @@ def chain(*links: Any) -> Aggregator:
     return tuple(t.init(update_template) for t in transforms) + (
         reducer.init(update_template),)
 
-  def aggregate(updates, weights, state, key):
+  def aggregate(updates, weights, state, key, context):
     keys = jax.random.split(key, len(links))
     new_state, metrics = [], {}
     for i, t in enumerate(transforms):
-      updates, weights, s, m = t.apply(updates, weights, state[i], keys[i])
+      updates, weights, s, m = t.apply(updates, weights, state[i], keys[i], context)
       new_state.append(s)
       _merge(metrics, m, i)
-    update, s, m = reducer.aggregate(updates, weights, state[-1], keys[-1])
+    update, s, m = reducer.aggregate(updates, weights, state[-1], keys[-1], context)
     new_state.append(s)
     _merge(metrics, m, len(transforms))
     return update, tuple(new_state), metrics
@@ -141,5 +166,6 @@ def _merge(metrics: dict, new: dict, position: int) -> None:
     metrics[f"{position}/{name}" if name in metrics else name] = value
 
 
-__all__ = ["Aggregator", "ClientTransform", "WEIGHTINGS", "client_weights",
+__all__ = ["Aggregator", "AggregationContext", "ClientTransform", "WEIGHTINGS",
+           "full_context", "client_weights",
            "normalized", "weighted_sum", "weighted_mean", "chain"]

@@ -57,6 +57,7 @@ class Cohort(NamedTuple):
   data: Any                  # FederatedData restricted to the cohort
   client_states: Any         # client states of the cohort ([C, ...] leaves)
   weights: jax.Array         # [C] raw aggregation weights
+  context: agg.AggregationContext  # the cohort's positions, K, n_k
 
 
 def sample_indices(spec: CohortSpec, num_examples: jax.Array, key: jax.Array) -> jax.Array:
@@ -89,9 +90,11 @@ def select_cohort(spec: CohortSpec, data: Any, client_states: Any,
                   round_key: jax.Array) -> Cohort:
   """Samples the cohort and gathers its data, client states and weights."""
   num_examples = jnp.sum(data.mask, axis=1, dtype=jnp.int32)
+  num_sites = num_examples.shape[0]
   if spec.size is None:
     return Cohort(None, data, client_states,
-                  agg.client_weights(num_examples, spec.weighting))
+                  agg.client_weights(num_examples, spec.weighting),
+                  agg.full_context(num_examples))
   indices = sample_indices(spec, num_examples,
                            jax.random.fold_in(round_key, SAMPLING_STREAM))
   cohort_n = num_examples[indices]
@@ -100,7 +103,7 @@ def select_cohort(spec: CohortSpec, data: Any, client_states: Any,
   else:
     weights = agg.client_weights(cohort_n, spec.weighting)
   return Cohort(indices, take_sites(data, indices), take_sites(client_states, indices),
-                weights)
+                weights, agg.AggregationContext(indices, num_sites, cohort_n))
 
 
 __all__ = ["CohortSpec", "Cohort", "SAMPLINGS", "SAMPLING_STREAM", "make_cohort_spec",

@@ -24,13 +24,18 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_med.core.options import OptionError, check_positive_int
 from fedjax_med.core.tree import tree_select
 
-# grad_fn(params, x_batch, y_batch, row_mask) -> (loss, grads)
-GradFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+# grad_fn(params, x_batch, y_batch, row_mask, step_key) -> (loss, grads)
+GradFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+# Step t's key is fold_in(fold_in(client_key, STEP_STREAM), t): disjoint from
+# the pass keys fold_in(client_key, e) used for shuffling.
+STEP_STREAM = np.uint32(2**32 - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +124,9 @@ def local_training(grad_fn: GradFn, optimizer: optax.GradientTransformation,
   """Runs one client's local optimisation as one `lax.scan`.
 
   Args:
-    grad_fn: `(params, x_b [B, ...], y_b [B, ...], row_mask [B]) -> (loss, grads)`,
-      the client's local objective (mean over real rows) and its gradient.
+    grad_fn: `(params, x_b [B, ...], y_b [B, ...], row_mask [B], step_key)
+      -> (loss, grads)`, the client's local objective (mean over real rows)
+      and its gradient (or an estimate of it, e.g. DP-SGD's).
     optimizer: the client's optax transformation.
     schedule: batch size and local epochs or steps.
     params, opt_state: starting point.
@@ -154,11 +160,14 @@ def local_training(grad_fn: GradFn, optimizer: optax.GradientTransformation,
       positions = j * b + offsets
       return jnp.take(perm, positions, mode="clip"), positions < n_k
 
+  step_keys = jax.random.fold_in(key, STEP_STREAM)
+
   def step(carry, t):
     params, opt_state, loss_sum, taken = carry
     idx, row_mask = batch_at(t)
     active = jnp.any(row_mask)
-    loss, grads = grad_fn(params, x[idx], y[idx], row_mask)
+    loss, grads = grad_fn(params, x[idx], y[idx], row_mask,
+                          jax.random.fold_in(step_keys, t))
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     params = tree_select(active, new_params, params)
@@ -174,6 +183,6 @@ def local_training(grad_fn: GradFn, optimizer: optax.GradientTransformation,
   return LocalResult(params, opt_state, taken, mean_loss)
 
 
-__all__ = ["LocalSchedule", "make_schedule", "client_keys", "row_uniforms",
+__all__ = ["STEP_STREAM", "LocalSchedule", "make_schedule", "client_keys", "row_uniforms",
            "epoch_permutation",
            "LocalResult", "local_training"]

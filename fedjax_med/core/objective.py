@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,9 +67,38 @@ def masked_mean_loss(loss_fn: LossFn, params: Any, x: jax.Array, y: jax.Array,
 
 
 def loss_and_grad(loss_fn: LossFn) -> Callable:
-  """`(params, x, y, mask) -> (mean loss over real rows, its gradient)`."""
-  return jax.value_and_grad(
+  """`(params, x, y, mask, key=None) -> (mean loss over real rows, its gradient)`.
+
+  The key (one per local step) is unused here; gradient estimators that need
+  randomness (e.g. DP-SGD's sampling and noise) take the same signature.
+  """
+  value_and_grad = jax.value_and_grad(
       lambda params, x, y, mask: masked_mean_loss(loss_fn, params, x, y, mask))
+
+  def grad_fn(params, x, y, mask, key=None):
+    del key
+    return value_and_grad(params, x, y, mask)
+
+  return grad_fn
+
+
+class GradientEstimator(NamedTuple):
+  """How a client turns a batch into a gradient (default: the mean gradient).
+
+  build(loss_fn, hparams) -> grad_fn(params, x, y, mask, key) -> (loss, grads)
+  hparams: traced hyperparameters the estimator reads from `state.hparams`
+    (e.g. DP-SGD's clip norm and noise multiplier), with their initial values.
+  """
+  build: Callable[[LossFn, dict], Callable]
+  hparams: dict
+
+
+def mean_gradient() -> GradientEstimator:
+  """The plain gradient of the mean loss over the batch's real rows."""
+  return _MEAN_GRADIENT
+
+
+_MEAN_GRADIENT = GradientEstimator(lambda loss_fn, hparams: loss_and_grad(loss_fn), {})
 
 
 def site_objectives(loss_fn: LossFn, params: Any, data: FederatedData) -> jax.Array:
@@ -98,5 +127,6 @@ def weighted_objective(loss_fn: LossFn, params: Any, data: FederatedData) -> jax
 
 
 __all__ = ["batch_loss", "is_batch_loss", "masked_mean_loss", "loss_and_grad",
+           "GradientEstimator", "mean_gradient",
            "site_objectives",
            "site_weights", "weighted_objective"]

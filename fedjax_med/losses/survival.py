@@ -1,74 +1,21 @@
-"""Losses built from a model's `apply(params, x)`.
+"""Survival losses: the Cox partial likelihood as a batch-level loss.
 
-The per-example losses return `loss_fn(params, x, y) -> [B]`, the contract of
-the core. The Cox partial likelihood couples the rows of a batch through its
-risk sets, so `cox_loss` returns a batch-level loss
-`loss_fn(params, x, y, mask) -> ()` marked with `fedjax_med.batch_loss`.
-Every loss carries `label_type` so a round refuses labels the loss cannot
-mean (e.g. a 4 given to binary cross-entropy) instead of training on them
-silently.
+The Cox partial likelihood couples the rows of a batch through its risk sets,
+so `cox_loss` returns a batch-level loss `loss_fn(params, x, y, mask) -> ()`
+marked with `fedjax_med.batch_loss`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
 from fedjax_med.core.objective import batch_loss
 from fedjax_med.core.options import check_choice
-
-ApplyFn = Callable[[Any, jax.Array], jax.Array]
-
-
-def _binary_logits(apply_fn, params, x):
-  logits = apply_fn(params, x)
-  if logits.ndim == 2 and logits.shape[1] == 1:
-    logits = logits[:, 0]
-  if logits.ndim != 1:
-    raise ValueError(
-        f"binary loss: the model must output one logit per row ([B] or [B, 1]),"
-        f" got shape {logits.shape}")
-  return logits
-
-
-def sigmoid_binary_cross_entropy(apply_fn: ApplyFn) -> Callable:
-  """BCE on logits: -y log s(z) - (1 - y) log(1 - s(z)), y in {0, 1}; `[B]`."""
-
-  def loss_fn(params, x, y):
-    logits = _binary_logits(apply_fn, params, x)
-    return optax.sigmoid_binary_cross_entropy(logits, y.reshape(logits.shape).astype(
-        logits.dtype))
-
-  loss_fn.label_type = "binary"
-  return loss_fn
-
-
-def softmax_cross_entropy(apply_fn: ApplyFn) -> Callable:
-  """Cross-entropy on logits [B, C] with integer labels [B]; `[B]`."""
-
-  def loss_fn(params, x, y):
-    logits = apply_fn(params, x)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits, y.reshape(logits.shape[:1]).astype(jnp.int32))
-
-  loss_fn.label_type = "multiclass"
-  return loss_fn
-
-
-def mean_squared_error(apply_fn: ApplyFn) -> Callable:
-  """Squared error summed over output dimensions; `[B]`."""
-
-  def loss_fn(params, x, y):
-    pred = apply_fn(params, x)
-    diff = pred.reshape(pred.shape[0], -1) - y.reshape(y.shape[0], -1).astype(pred.dtype)
-    return jnp.sum(diff**2, axis=1)
-
-  loss_fn.label_type = "real"
-  return loss_fn
+from fedjax_med.losses.supervised import ApplyFn
 
 
 COX_TIES = ("flamby", "breslow")
@@ -187,5 +134,4 @@ def cox_loss(apply_fn: ApplyFn, ties: str = "flamby") -> Callable:
   return loss_fn
 
 
-__all__ = ["sigmoid_binary_cross_entropy", "softmax_cross_entropy", "mean_squared_error",
-           "cox_partial_likelihood", "cox_loss", "COX_TIES"]
+__all__ = ["cox_partial_likelihood", "cox_loss", "COX_TIES"]
