@@ -30,11 +30,11 @@ def test_weighted_mean_by_hand():
 
 def test_chain_applies_links_in_order():
   double = fm.ClientTransform(
-      init=lambda t: jnp.zeros(()),
+      init=lambda t, k=None: jnp.zeros(()),
       apply=lambda u, w, s, k, c: (jax.tree_util.tree_map(lambda a: 2 * a, u), w, s + 1,
                                    {"calls": s + 1, "sites": c.num_sites}))
   drop_last = fm.ClientTransform(
-      init=lambda t: (),
+      init=lambda t, k=None: (),
       apply=lambda u, w, s, k, c: (u, w.at[-1].set(0.0), s, {}))
   chained = agg.chain(double, drop_last, agg.weighted_mean())
   state = chained.init({"a": jnp.zeros(2)})

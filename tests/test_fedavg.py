@@ -304,3 +304,19 @@ def test_gradient_estimator_hook_gets_traced_hparams_and_step_keys(data):
   frozen = custom.round(fm.set_hyperparams(state, scale=0.0), data, key)[0].params
   np.testing.assert_array_equal(frozen["w"], params["w"])
   assert seen  # traced with a key argument
+
+
+def test_downlink_hook_clients_train_from_what_they_receive(data):
+  """downlink(w) = w + 0.5: equals FedAvg started from w + 0.5, applied to the exact w."""
+  shift = lambda w, key: (jax.tree_util.tree_map(lambda a: a + 0.5, w), {"bytes_down": 7})
+  common = dict(client_optimizer=optax.sgd(0.2), local_epochs=1, batch_size=2)
+  algo = fm.algorithms.fedavg(bce_loss, downlink=shift, **common)
+  plain = fm.algorithms.fedavg(bce_loss, **common)
+  params = init_params()
+  shifted = jax.tree_util.tree_map(lambda a: a + 0.5, params)
+  key = jax.random.PRNGKey(3)
+  got, metrics = algo.round(algo.init(params), data, key)
+  ref = plain.round(plain.init(shifted), data, key)[0].params
+  # w_new = w - (w_received - mean w_k) = ref - 0.5
+  np.testing.assert_allclose(got.params["w"], np.asarray(ref["w"]) - 0.5, rtol=1e-6, atol=1e-6)
+  assert int(metrics["bytes_down"]) == 7

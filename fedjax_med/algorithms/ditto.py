@@ -92,7 +92,7 @@ def ditto(loss_fn, *, lam: float, client_optimizer: optax.GradientTransformation
         params, config.server_optimizer,
         client_hparams=injected_hyperparams(config.client_optimizer.init(params)),
         hparams={"lam": lam}, client_states={"params": stack_sites(params, num_sites)},
-        aggregator_state=config.aggregator.init(params))
+        aggregator_state=config.aggregator.init(params, num_sites))
 
   def personalize(state, data, key):
     del data, key

@@ -45,7 +45,7 @@ SGD_LR_1 = optax.sgd(1.0)
 # Options every FedAvg-family constructor accepts.
 COMMON_OPTIONS = ("client_optimizer", "server_optimizer", "local_epochs", "local_steps",
                   "batch_size", "weighting", "aggregator", "shuffle", "cohort_size",
-                  "sampling", "gradient_estimator")
+                  "sampling", "gradient_estimator", "downlink")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +61,14 @@ class FedAvgConfig:
   # GradientEstimator.build (its initial hparams go to the state, not here,
   # so estimators differing only in numbers share one compiled round).
   gradient: Any = mean_gradient().build
+  # downlink(w, key) -> (w as the clients receive it, metrics); None = exact.
+  downlink: Any = None
 
 
 def build_fedavg_family(name: str, loss_fn, *, client_optimizer, server_optimizer,
                         local_epochs, local_steps, batch_size, weighting, aggregator,
                         shuffle, cohort_size, sampling, gradient_estimator=None,
-                        proximal=False, normalized=False,
+                        downlink=None, proximal=False, normalized=False,
                         hparams=None) -> FederatedAlgorithm:
   """Validates the common options and builds a FedAvg-family algorithm."""
   if local_epochs is None and local_steps is None:
@@ -79,14 +81,14 @@ def build_fedavg_family(name: str, loss_fn, *, client_optimizer, server_optimize
       cohort=cohort_lib.make_cohort_spec(name, cohort_size, sampling, weighting),
       aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
       proximal=proximal, normalized=normalized,
-      gradient=(gradient_estimator or mean_gradient()).build)
+      gradient=(gradient_estimator or mean_gradient()).build, downlink=downlink)
   hparams = {**(gradient_estimator or mean_gradient()).hparams, **(hparams or {})}
 
-  def init(params):
+  def init(params, num_sites: int | None = None):
     return new_server_state(
         params, config.server_optimizer,
         client_hparams=injected_hyperparams(config.client_optimizer.init(params)),
-        hparams=hparams, aggregator_state=config.aggregator.init(params))
+        hparams=hparams, aggregator_state=config.aggregator.init(params, num_sites))
 
   return make_algorithm(name, fedavg_family_round, config, loss_fn, init)
 
@@ -97,7 +99,7 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
            batch_size: int = 32, weighting: str = "num_examples",
            aggregator: agg.Aggregator | None = None, shuffle: bool = True,
            cohort_size: int | None = None, sampling: str = "uniform",
-           gradient_estimator: GradientEstimator | None = None,
+           gradient_estimator: GradientEstimator | None = None, downlink=None,
            **unknown_options) -> FederatedAlgorithm:
   """Builds FedAvg.
 
@@ -118,6 +120,9 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
     sampling: "uniform" or "num_examples" cohort sampling.
     gradient_estimator: how a client turns a batch into a gradient (default:
       the mean gradient; e.g. a DP-SGD estimator from `fedjax_med.privacy`).
+    downlink: optional `downlink(w, key) -> (w_received, metrics)`, what the
+      server's broadcast does to the model (e.g. compression); the clients
+      train from w_received and their pseudo-gradients are taken against it.
 
   Returns:
     FederatedAlgorithm with `init(params)` and `round(state, data, key)`.
@@ -131,7 +136,7 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
       server_optimizer=server_optimizer, local_epochs=local_epochs,
       local_steps=local_steps, batch_size=batch_size, weighting=weighting,
       aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size, sampling=sampling,
-      gradient_estimator=gradient_estimator)
+      gradient_estimator=gradient_estimator, downlink=downlink)
 
 
 def proximal_grad_fn(grad_fn, mu: jax.Array, anchor: Any):
@@ -152,6 +157,9 @@ def proximal_grad_fn(grad_fn, mu: jax.Array, anchor: Any):
 def fedavg_family_round(config: FedAvgConfig, state, data, key):
   """One round on data.x [K, N_max, ...], data.y [K, N_max, ...], data.mask [K, N_max]."""
   w = state.params
+  downlink_metrics = {}
+  if config.downlink is not None:
+    w, downlink_metrics = config.downlink(w, jax.random.fold_in(server_key(key), 1))
   grad_fn = config.gradient(config.loss_fn, state.hparams)
   if config.proximal:
     grad_fn = proximal_grad_fn(grad_fn, state.hparams["mu"], w)
@@ -181,7 +189,7 @@ def fedavg_family_round(config: FedAvgConfig, state, data, key):
     delta = jax.tree_util.tree_map(lambda d: tau_eff * d, delta)
     agg_metrics = {**agg_metrics, "tau_eff": tau_eff}
   params, server_opt_state = apply_server_optimizer(
-      config.server_optimizer, w, state.server_opt_state, delta)
+      config.server_optimizer, state.params, state.server_opt_state, delta)
   num_examples = jnp.sum(mask, axis=1, dtype=jnp.int32)
   metrics = {
       "train_loss": jnp.sum(agg.normalized(weights) * losses),
@@ -191,6 +199,7 @@ def fedavg_family_round(config: FedAvgConfig, state, data, key):
       "cohort": cohort_positions(cohort, num_examples.shape[0]),
       "update_norm": tree_l2_norm(delta),
       **agg_metrics,
+      **downlink_metrics,
   }
   new_state = state._replace(params=params, server_opt_state=server_opt_state,
                              aggregator_state=aggregator_state, round=state.round + 1)

@@ -77,7 +77,7 @@ def fedper(loss_fn, *, personal: Sequence[str] | Callable[[str], bool],
         params, config.server_optimizer,
         client_hparams=injected_hyperparams(config.client_optimizer.init(params)),
         hparams={}, client_states={"params": stack_sites(params, num_sites)},
-        aggregator_state=config.aggregator.init(params))
+        aggregator_state=config.aggregator.init(params, num_sites))
 
   def personalize(state, data, key):
     del data, key

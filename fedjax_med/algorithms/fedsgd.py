@@ -67,9 +67,10 @@ def fedsgd(loss_fn, *, server_optimizer: optax.GradientTransformation,
       cohort=cohort_lib.make_cohort_spec("fedsgd", cohort_size, sampling, weighting),
       aggregator=aggregator if aggregator is not None else agg.weighted_mean())
 
-  def init(params):
+  def init(params, num_sites: int | None = None):
     return new_server_state(params, config.server_optimizer, client_hparams={},
-                            hparams={}, aggregator_state=config.aggregator.init(params))
+                            hparams={},
+                            aggregator_state=config.aggregator.init(params, num_sites))
 
   return make_algorithm("fedsgd", _fedsgd_round, config, loss_fn, init)
 

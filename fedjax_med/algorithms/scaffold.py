@@ -103,7 +103,7 @@ def scaffold(loss_fn, *, client_learning_rate: float,
     return new_server_state(
         params, config.server_optimizer, client_hparams={"learning_rate": lr}, hparams={},
         client_states={"control": stack_sites(zeros, num_sites)},
-        aggregator_state=config.aggregator.init(params),
+        aggregator_state=config.aggregator.init(params, num_sites),
         algorithm_state={"control": zeros})
 
   return make_algorithm("scaffold", _scaffold_round, config, loss_fn, init)

@@ -50,13 +50,15 @@ def full_context(num_examples: jax.Array) -> AggregationContext:
 class Aggregator(NamedTuple):
   """(init, aggregate) pair.
 
-  init(update_template) -> state, where update_template is one client's
-    (unstacked) update pytree.
+  init(update_template, num_sites=None) -> state, where update_template is
+    one client's (unstacked) update pytree and num_sites is K when the
+    algorithm knows it (links keeping per-site state need it and should raise
+    a clear error when it is None).
   aggregate(updates, weights, state, key, context) -> (update, state, metrics):
     updates has a leading C axis on every leaf; weights is `[C]` float32;
     context an `AggregationContext`.
   """
-  init: Callable[[Any], Any]
+  init: Callable[..., Any]
   aggregate: Callable[[Any, jax.Array, Any, jax.Array, AggregationContext],
                       tuple[Any, Any, dict]]
 
@@ -64,10 +66,10 @@ class Aggregator(NamedTuple):
 class ClientTransform(NamedTuple):
   """A link of the chain acting on the stacked client updates.
 
-  init(update_template) -> state
+  init(update_template, num_sites=None) -> state
   apply(updates, weights, state, key, context) -> (updates, weights, state, metrics)
   """
-  init: Callable[[Any], Any]
+  init: Callable[..., Any]
   apply: Callable[[Any, jax.Array, Any, jax.Array, AggregationContext],
                   tuple[Any, jax.Array, Any, dict]]
 
@@ -110,8 +112,8 @@ def weighted_mean() -> Aggregator:
   with the default aggregator share one compiled round.
   """
 
-  def init(update_template):
-    del update_template
+  def init(update_template, num_sites=None):
+    del update_template, num_sites
     return ()
 
   def aggregate(updates, weights, state, key, context):
@@ -142,9 +144,9 @@ def chain(*links: Any) -> Aggregator:
         f"chain: the last link must be an Aggregator (a reducer), got"
         f" {type(reducer).__name__}")
 
-  def init(update_template):
-    return tuple(t.init(update_template) for t in transforms) + (
-        reducer.init(update_template),)
+  def init(update_template, num_sites=None):
+    return tuple(t.init(update_template, num_sites) for t in transforms) + (
+        reducer.init(update_template, num_sites),)
 
   def aggregate(updates, weights, state, key, context):
     keys = jax.random.split(key, len(links))
