@@ -27,6 +27,7 @@ import optax
 
 from fedjax_med.algorithms.fedavg import COMMON_OPTIONS, SGD_LR_1, cohort_positions
 from fedjax_med.core import cohort as cohort_lib
+from fedjax_med.core.chunking import check_chunk_size
 from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
                                        make_algorithm, new_server_state)
 from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
@@ -51,13 +52,18 @@ def cyclic(loss_fn, *, client_optimizer: optax.GradientTransformation,
            server_optimizer: optax.GradientTransformation = SGD_LR_1,
            local_epochs: int | None = None, local_steps: int | None = None,
            batch_size: int = 32, shuffle: bool = True, cohort_size: int | None = None,
-           sampling: str = "uniform", **unknown_options) -> FederatedAlgorithm:
+           sampling: str = "uniform", client_chunk_size: int | None = None,
+           **unknown_options) -> FederatedAlgorithm:
   """Builds Cyclic; arguments as `fedavg` (no weighting or aggregator: nothing is averaged).
 
-  The client optimizer is re-initialised at every site.
+  The client optimizer is re-initialised at every site. `client_chunk_size`
+  is accepted for a uniform interface and has no effect: sites already run
+  one at a time.
   """
+  check_chunk_size("cyclic", client_chunk_size)
   reject_unknown("cyclic", unknown_options, tuple(
-      o for o in COMMON_OPTIONS if o not in ("weighting", "aggregator")))
+      o for o in COMMON_OPTIONS
+      if o not in ("weighting", "aggregator", "gradient_estimator", "downlink")))
   if sampling != "uniform":
     raise OptionError("cyclic: only sampling='uniform' (a site visited twice in one"
                       " cycle would train twice)")

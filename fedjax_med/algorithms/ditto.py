@@ -29,6 +29,7 @@ import optax
 from fedjax_med.algorithms.fedavg import (COMMON_OPTIONS, SGD_LR_1, cohort_positions,
                                           proximal_grad_fn)
 from fedjax_med.core import aggregation as agg
+from fedjax_med.core import chunking
 from fedjax_med.core import cohort as cohort_lib
 from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
                                        check_num_sites, make_algorithm, new_server_state,
@@ -52,6 +53,11 @@ class DittoConfig:
   schedule: LocalSchedule
   cohort: cohort_lib.CohortSpec
   aggregator: agg.Aggregator
+  client_chunk_size: int | None = None
+
+
+_OPTIONS = tuple(o for o in COMMON_OPTIONS if o not in ("gradient_estimator", "downlink")) + (
+    "lam", "personal_optimizer")
 
 
 def ditto(loss_fn, *, lam: float, client_optimizer: optax.GradientTransformation,
@@ -61,6 +67,7 @@ def ditto(loss_fn, *, lam: float, client_optimizer: optax.GradientTransformation
           batch_size: int = 32, weighting: str = "num_examples",
           aggregator: agg.Aggregator | None = None, shuffle: bool = True,
           cohort_size: int | None = None, sampling: str = "uniform",
+          client_chunk_size: int | None = None,
           **unknown_options) -> FederatedAlgorithm:
   """Builds Ditto; arguments as `fedavg`, plus
 
@@ -71,7 +78,9 @@ def ditto(loss_fn, *, lam: float, client_optimizer: optax.GradientTransformation
 
   `init(params, num_sites)`; `personalize(state, data, key)` returns v `[K, ...]`.
   """
-  reject_unknown("ditto", unknown_options, COMMON_OPTIONS + ("lam", "personal_optimizer"))
+  reject_unknown("ditto", unknown_options, _OPTIONS)
+  chunking.require_linear_aggregator("ditto", client_chunk_size, aggregator,
+                                     agg.weighted_mean())
   lam = check_nonnegative_float("ditto", "lam", lam)
   if local_epochs is None and local_steps is None:
     local_epochs = 1
@@ -84,7 +93,8 @@ def ditto(loss_fn, *, lam: float, client_optimizer: optax.GradientTransformation
       server_optimizer=check_optimizer("ditto", "server_optimizer", server_optimizer),
       schedule=make_schedule("ditto", batch_size, local_epochs, local_steps, shuffle),
       cohort=cohort_lib.make_cohort_spec("ditto", cohort_size, sampling, weighting),
-      aggregator=aggregator if aggregator is not None else agg.weighted_mean())
+      aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
+      client_chunk_size=chunking.check_chunk_size("ditto", client_chunk_size))
 
   def init(params, num_sites: int):
     check_positive_int("ditto.init", "num_sites", num_sites)
@@ -117,13 +127,15 @@ def _ditto_round(config: DittoConfig, state, data, key):
     personal = local_training(personal_grad, config.personal_optimizer, config.schedule,
                               v_k, p_state, x_k, y_k, mask_k,
                               jax.random.fold_in(key_k, PERSONAL_STREAM))
-    return delta, personal.params, local.num_steps, local.mean_loss, personal.mean_loss
+    return delta, (personal.params, local.num_steps, local.mean_loss, personal.mean_loss)
 
-  deltas, v_new, steps, losses, personal_losses = jax.vmap(client_update)(
-      cohort.data.x, cohort.data.y, cohort.data.mask,
-      client_keys(key, cohort.data.site_ids), cohort.client_states["params"])
-  delta, aggregator_state, agg_metrics = config.aggregator.aggregate(
-      deltas, cohort.weights, state.aggregator_state, server_key(key), cohort.context)
+  delta, (v_new, steps, losses, personal_losses), aggregator_state, agg_metrics = (
+      chunking.aggregate_clients(
+          client_update, (cohort.data.x, cohort.data.y, cohort.data.mask,
+                          client_keys(key, cohort.data.site_ids),
+                          cohort.client_states["params"]),
+          cohort.weights, config.aggregator, state.aggregator_state, server_key(key),
+          cohort.context, config.client_chunk_size))
   params, server_opt_state = apply_server_optimizer(
       config.server_optimizer, w, state.server_opt_state, delta)
   client_states = {"params": cohort_lib.put_sites(state.client_states["params"], v_new,

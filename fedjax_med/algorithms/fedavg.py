@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_med.core import aggregation as agg
+from fedjax_med.core import chunking
 from fedjax_med.core import cohort as cohort_lib
 from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
                                        make_algorithm, new_server_state, server_key)
@@ -45,7 +46,7 @@ SGD_LR_1 = optax.sgd(1.0)
 # Options every FedAvg-family constructor accepts.
 COMMON_OPTIONS = ("client_optimizer", "server_optimizer", "local_epochs", "local_steps",
                   "batch_size", "weighting", "aggregator", "shuffle", "cohort_size",
-                  "sampling", "gradient_estimator", "downlink")
+                  "sampling", "gradient_estimator", "downlink", "client_chunk_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,16 +64,19 @@ class FedAvgConfig:
   gradient: Any = mean_gradient().build
   # downlink(w, key) -> (w as the clients receive it, metrics); None = exact.
   downlink: Any = None
+  client_chunk_size: int | None = None   # see fedjax_med.core.chunking
 
 
 def build_fedavg_family(name: str, loss_fn, *, client_optimizer, server_optimizer,
                         local_epochs, local_steps, batch_size, weighting, aggregator,
                         shuffle, cohort_size, sampling, gradient_estimator=None,
-                        downlink=None, proximal=False, normalized=False,
-                        hparams=None) -> FederatedAlgorithm:
+                        downlink=None, client_chunk_size=None, proximal=False,
+                        normalized=False, hparams=None) -> FederatedAlgorithm:
   """Validates the common options and builds a FedAvg-family algorithm."""
   if local_epochs is None and local_steps is None:
     local_epochs = 1
+  chunking.require_linear_aggregator(name, client_chunk_size, aggregator,
+                                     agg.weighted_mean())
   config = FedAvgConfig(
       loss_fn=loss_fn,
       client_optimizer=check_optimizer(name, "client_optimizer", client_optimizer),
@@ -81,7 +85,8 @@ def build_fedavg_family(name: str, loss_fn, *, client_optimizer, server_optimize
       cohort=cohort_lib.make_cohort_spec(name, cohort_size, sampling, weighting),
       aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
       proximal=proximal, normalized=normalized,
-      gradient=(gradient_estimator or mean_gradient()).build, downlink=downlink)
+      gradient=(gradient_estimator or mean_gradient()).build, downlink=downlink,
+      client_chunk_size=chunking.check_chunk_size(name, client_chunk_size))
   hparams = {**(gradient_estimator or mean_gradient()).hparams, **(hparams or {})}
 
   def init(params, num_sites: int | None = None):
@@ -100,6 +105,7 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
            aggregator: agg.Aggregator | None = None, shuffle: bool = True,
            cohort_size: int | None = None, sampling: str = "uniform",
            gradient_estimator: GradientEstimator | None = None, downlink=None,
+           client_chunk_size: int | None = None,
            **unknown_options) -> FederatedAlgorithm:
   """Builds FedAvg.
 
@@ -123,6 +129,9 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
     downlink: optional `downlink(w, key) -> (w_received, metrics)`, what the
       server's broadcast does to the model (e.g. compression); the clients
       train from w_received and their pseudo-gradients are taken against it.
+    client_chunk_size: run the participating clients M at a time (a scan of
+      vmapped chunks in the same jit) to bound memory; needs the default
+      weighted-mean aggregator. None: all at once.
 
   Returns:
     FederatedAlgorithm with `init(params)` and `round(state, data, key)`.
@@ -136,7 +145,8 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
       server_optimizer=server_optimizer, local_epochs=local_epochs,
       local_steps=local_steps, batch_size=batch_size, weighting=weighting,
       aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size, sampling=sampling,
-      gradient_estimator=gradient_estimator, downlink=downlink)
+      gradient_estimator=gradient_estimator, downlink=downlink,
+      client_chunk_size=client_chunk_size)
 
 
 def proximal_grad_fn(grad_fn, mu: jax.Array, anchor: Any):
@@ -171,21 +181,18 @@ def fedavg_family_round(config: FedAvgConfig, state, data, key):
     local = local_training(grad_fn, config.client_optimizer, config.schedule, w,
                            opt_state, x_k, y_k, mask_k, key_k)
     delta = jax.tree_util.tree_map(jnp.subtract, w, local.params)
-    return delta, local.num_steps, local.mean_loss
+    if config.normalized:
+      # FedNova (Wang et al. 2020): d_k = Delta_k / tau_k, Delta = tau_eff sum_k p_k d_k.
+      delta = jax.tree_util.tree_map(lambda d: d / _taus(local.num_steps), delta)
+    return delta, (local.num_steps, local.mean_loss)
 
-  deltas, steps, losses = jax.vmap(client_update)(
-      x, y, mask, client_keys(key, cohort.data.site_ids))
   weights = cohort.weights
+  delta, (steps, losses), aggregator_state, agg_metrics = chunking.aggregate_clients(
+      client_update, (x, y, mask, client_keys(key, cohort.data.site_ids)), weights,
+      config.aggregator, state.aggregator_state, server_key(key), cohort.context,
+      config.client_chunk_size)
   if config.normalized:
-    # FedNova (Wang et al. 2020): d_k = Delta_k / tau_k, Delta = tau_eff sum_k p_k d_k.
-    tau = steps.astype(jnp.float32)
-    deltas = jax.tree_util.tree_map(
-        lambda d: d / jnp.maximum(tau, 1.0).reshape((-1,) + (1,) * (d.ndim - 1)), deltas)
-    weights = jnp.where(steps > 0, weights, 0.0)
-  delta, aggregator_state, agg_metrics = config.aggregator.aggregate(
-      deltas, weights, state.aggregator_state, server_key(key), cohort.context)
-  if config.normalized:
-    tau_eff = jnp.sum(agg.normalized(weights) * tau)
+    tau_eff = jnp.sum(agg.normalized(weights) * _taus(steps))
     delta = jax.tree_util.tree_map(lambda d: tau_eff * d, delta)
     agg_metrics = {**agg_metrics, "tau_eff": tau_eff}
   params, server_opt_state = apply_server_optimizer(
@@ -204,6 +211,11 @@ def fedavg_family_round(config: FedAvgConfig, state, data, key):
   new_state = state._replace(params=params, server_opt_state=server_opt_state,
                              aggregator_state=aggregator_state, round=state.round + 1)
   return new_state, metrics
+
+
+def _taus(steps: jax.Array) -> jax.Array:
+  """tau_k as float, at least 1 (a site that took no step has weight 0)."""
+  return jnp.maximum(steps, 1).astype(jnp.float32)
 
 
 def cohort_positions(cohort: cohort_lib.Cohort, size: int) -> jax.Array:

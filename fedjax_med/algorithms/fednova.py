@@ -29,7 +29,8 @@ def fednova(loss_fn, *, client_optimizer: optax.GradientTransformation,
             batch_size: int = 32, weighting: str = "num_examples",
             aggregator: agg.Aggregator | None = None, shuffle: bool = True,
             cohort_size: int | None = None, sampling: str = "uniform",
-            gradient_estimator=None, downlink=None, **unknown_options) -> FederatedAlgorithm:
+            gradient_estimator=None, downlink=None, client_chunk_size=None,
+            **unknown_options) -> FederatedAlgorithm:
   """Builds FedNova; arguments as `fedavg`. Metrics add `tau_eff`."""
   reject_unknown("fednova", unknown_options, COMMON_OPTIONS)
   return build_fedavg_family(
@@ -38,6 +39,7 @@ def fednova(loss_fn, *, client_optimizer: optax.GradientTransformation,
       local_steps=local_steps, batch_size=batch_size, weighting=weighting,
       aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size, sampling=sampling,
       gradient_estimator=gradient_estimator, downlink=downlink,
+      client_chunk_size=client_chunk_size,
       normalized=True)
 
 

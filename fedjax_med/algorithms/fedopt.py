@@ -64,13 +64,15 @@ def _make(name: str, adaptivity: str):
                   batch_size: int = 32, weighting: str = "num_examples",
                   aggregator: agg.Aggregator | None = None, shuffle: bool = True,
                   cohort_size: int | None = None, sampling: str = "uniform",
-                  gradient_estimator=None, downlink=None, **unknown_options) -> FederatedAlgorithm:
+                  gradient_estimator=None, downlink=None, client_chunk_size=None,
+                  **unknown_options) -> FederatedAlgorithm:
     return _build(name, adaptivity, loss_fn, client_optimizer, server_learning_rate, beta1,
                   beta2, tau, initial_accumulator_value, unknown_options,
                   local_epochs=local_epochs, local_steps=local_steps,
                   batch_size=batch_size, weighting=weighting, aggregator=aggregator,
                   shuffle=shuffle, cohort_size=cohort_size, sampling=sampling,
-                  gradient_estimator=gradient_estimator, downlink=downlink)
+                  gradient_estimator=gradient_estimator, downlink=downlink,
+                  client_chunk_size=client_chunk_size)
 
   constructor.__name__ = name
   constructor.__doc__ = f"""Builds {name} (Reddi et al. 2021, Algorithm 2, server {adaptivity}).

@@ -23,6 +23,7 @@ import optax
 from fedjax_med.algorithms.fedavg import COMMON_OPTIONS, SGD_LR_1, cohort_positions
 from fedjax_med.algorithms.personal import merge, personal_mask, stacked_merge
 from fedjax_med.core import aggregation as agg
+from fedjax_med.core import chunking
 from fedjax_med.core import cohort as cohort_lib
 from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
                                        check_num_sites, make_algorithm, new_server_state,
@@ -34,6 +35,10 @@ from fedjax_med.core.state import init_client_optimizer, injected_hyperparams
 from fedjax_med.core.tree import tree_l2_norm
 
 
+_OPTIONS = tuple(o for o in COMMON_OPTIONS if o not in ("gradient_estimator", "downlink")) + (
+    "personal",)
+
+
 @dataclasses.dataclass(frozen=True)
 class FedPerConfig:
   loss_fn: Any
@@ -43,6 +48,7 @@ class FedPerConfig:
   schedule: LocalSchedule
   cohort: cohort_lib.CohortSpec
   aggregator: agg.Aggregator
+  client_chunk_size: int | None = None
 
 
 def fedper(loss_fn, *, personal: Sequence[str] | Callable[[str], bool],
@@ -52,15 +58,18 @@ def fedper(loss_fn, *, personal: Sequence[str] | Callable[[str], bool],
            batch_size: int = 32, weighting: str = "num_examples",
            aggregator: agg.Aggregator | None = None, shuffle: bool = True,
            cohort_size: int | None = None, sampling: str = "uniform",
+           client_chunk_size: int | None = None,
            **unknown_options) -> FederatedAlgorithm:
   """Builds FedPer; arguments as `fedavg`, plus `personal` (see module doc).
 
   `init(params, num_sites)`; `personalize(state, data, key)` returns the
   per-site models `[K, ...]`.
   """
-  reject_unknown("fedper", unknown_options, COMMON_OPTIONS + ("personal",))
+  reject_unknown("fedper", unknown_options, _OPTIONS)
   if local_epochs is None and local_steps is None:
     local_epochs = 1
+  chunking.require_linear_aggregator("fedper", client_chunk_size, aggregator,
+                                     agg.weighted_mean())
   personal = personal if callable(personal) else tuple(personal)
   config = FedPerConfig(
       loss_fn=loss_fn, personal=personal,
@@ -68,7 +77,8 @@ def fedper(loss_fn, *, personal: Sequence[str] | Callable[[str], bool],
       server_optimizer=check_optimizer("fedper", "server_optimizer", server_optimizer),
       schedule=make_schedule("fedper", batch_size, local_epochs, local_steps, shuffle),
       cohort=cohort_lib.make_cohort_spec("fedper", cohort_size, sampling, weighting),
-      aggregator=aggregator if aggregator is not None else agg.weighted_mean())
+      aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
+      client_chunk_size=chunking.check_chunk_size("fedper", client_chunk_size))
 
   def init(params, num_sites: int):
     check_positive_int("fedper.init", "num_sites", num_sites)
@@ -101,13 +111,13 @@ def _fedper_round(config: FedPerConfig, state, data, key):
                            opt_state, x_k, y_k, mask_k, key_k)
     delta = jax.tree_util.tree_map(
         lambda m, a, b: jnp.zeros_like(a) if m else a - b, mask, w, local.params)
-    return delta, local.params, local.num_steps, local.mean_loss
+    return delta, (local.params, local.num_steps, local.mean_loss)
 
-  deltas, own, steps, losses = jax.vmap(client_update)(
-      cohort.data.x, cohort.data.y, cohort.data.mask,
-      client_keys(key, cohort.data.site_ids), cohort.client_states["params"])
-  delta, aggregator_state, agg_metrics = config.aggregator.aggregate(
-      deltas, cohort.weights, state.aggregator_state, server_key(key), cohort.context)
+  delta, (own, steps, losses), aggregator_state, agg_metrics = chunking.aggregate_clients(
+      client_update, (cohort.data.x, cohort.data.y, cohort.data.mask,
+                      client_keys(key, cohort.data.site_ids), cohort.client_states["params"]),
+      cohort.weights, config.aggregator, state.aggregator_state, server_key(key),
+      cohort.context, config.client_chunk_size)
   params, server_opt_state = apply_server_optimizer(
       config.server_optimizer, w, state.server_opt_state, delta)
   client_states = {"params": cohort_lib.put_sites(state.client_states["params"], own,

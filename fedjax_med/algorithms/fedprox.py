@@ -27,7 +27,8 @@ def fedprox(loss_fn, *, mu: float, client_optimizer: optax.GradientTransformatio
             batch_size: int = 32, weighting: str = "num_examples",
             aggregator: agg.Aggregator | None = None, shuffle: bool = True,
             cohort_size: int | None = None, sampling: str = "uniform",
-            gradient_estimator=None, downlink=None, **unknown_options) -> FederatedAlgorithm:
+            gradient_estimator=None, downlink=None, client_chunk_size=None,
+            **unknown_options) -> FederatedAlgorithm:
   """Builds FedProx; arguments as `fedavg`, plus `mu >= 0`, the proximal weight."""
   reject_unknown("fedprox", unknown_options, COMMON_OPTIONS + ("mu",))
   mu = check_nonnegative_float("fedprox", "mu", mu)
@@ -37,6 +38,7 @@ def fedprox(loss_fn, *, mu: float, client_optimizer: optax.GradientTransformatio
       local_steps=local_steps, batch_size=batch_size, weighting=weighting,
       aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size, sampling=sampling,
       gradient_estimator=gradient_estimator, downlink=downlink,
+      client_chunk_size=client_chunk_size,
       proximal=True, hparams={"mu": mu})
 
 

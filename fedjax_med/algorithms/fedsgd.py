@@ -22,6 +22,7 @@ import optax
 
 from fedjax_med.algorithms.fedavg import cohort_positions
 from fedjax_med.core import aggregation as agg
+from fedjax_med.core import chunking
 from fedjax_med.core import cohort as cohort_lib
 from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
                                        make_algorithm, new_server_state, server_key)
@@ -36,14 +37,17 @@ class FedSGDConfig:
   server_optimizer: optax.GradientTransformation
   cohort: cohort_lib.CohortSpec
   aggregator: agg.Aggregator
+  client_chunk_size: int | None = None
 
 
-_OPTIONS = ("server_optimizer", "weighting", "aggregator", "cohort_size", "sampling")
+_OPTIONS = ("server_optimizer", "weighting", "aggregator", "cohort_size", "sampling",
+            "client_chunk_size")
 
 
 def fedsgd(loss_fn, *, server_optimizer: optax.GradientTransformation,
            weighting: str = "num_examples", aggregator: agg.Aggregator | None = None,
            cohort_size: int | None = None, sampling: str = "uniform",
+           client_chunk_size: int | None = None,
            **unknown_options) -> FederatedAlgorithm:
   """Builds FedSGD.
 
@@ -54,6 +58,7 @@ def fedsgd(loss_fn, *, server_optimizer: optax.GradientTransformation,
     weighting: "num_examples" (p_k = n_k/n) or "uniform" (p_k = 1/K').
     aggregator: aggregation chain (default `weighted_mean()`).
     cohort_size, sampling: client sampling (see `fedjax_med.core.cohort`).
+    client_chunk_size: sites per chunk (see `fedjax_med.core.chunking`).
 
   Returns:
     FederatedAlgorithm. Round metrics: train_loss (= the p-weighted objective
@@ -61,11 +66,14 @@ def fedsgd(loss_fn, *, server_optimizer: optax.GradientTransformation,
     update_norm (norm of the aggregated gradient).
   """
   reject_unknown("fedsgd", unknown_options, _OPTIONS)
+  chunking.require_linear_aggregator("fedsgd", client_chunk_size, aggregator,
+                                     agg.weighted_mean())
   config = FedSGDConfig(
       loss_fn=loss_fn,
       server_optimizer=check_optimizer("fedsgd", "server_optimizer", server_optimizer),
       cohort=cohort_lib.make_cohort_spec("fedsgd", cohort_size, sampling, weighting),
-      aggregator=aggregator if aggregator is not None else agg.weighted_mean())
+      aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
+      client_chunk_size=chunking.check_chunk_size("fedsgd", client_chunk_size))
 
   def init(params, num_sites: int | None = None):
     return new_server_state(params, config.server_optimizer, client_hparams={},
@@ -81,10 +89,15 @@ def _fedsgd_round(config: FedSGDConfig, state, data, key):
   x, y, mask = cohort.data.x, cohort.data.y, cohort.data.mask
   num_examples = jnp.sum(mask, axis=1, dtype=jnp.int32)
   grad_fn = loss_and_grad(config.loss_fn)
-  losses, grads = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0))(state.params, x, y, mask)
+
+  def client_gradient(x_k, y_k, mask_k):
+    loss, grads = grad_fn(state.params, x_k, y_k, mask_k)
+    return grads, loss
+
   weights = cohort.weights
-  grad, aggregator_state, agg_metrics = config.aggregator.aggregate(
-      grads, weights, state.aggregator_state, server_key(key), cohort.context)
+  grad, losses, aggregator_state, agg_metrics = chunking.aggregate_clients(
+      client_gradient, (x, y, mask), weights, config.aggregator, state.aggregator_state,
+      server_key(key), cohort.context, config.client_chunk_size)
   params, server_opt_state = apply_server_optimizer(
       config.server_optimizer, state.params, state.server_opt_state, grad)
   metrics = {

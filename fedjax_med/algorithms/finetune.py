@@ -45,7 +45,8 @@ def fedavg_finetune(loss_fn, *, client_optimizer: optax.GradientTransformation,
                     batch_size: int = 32, weighting: str = "num_examples",
                     aggregator: agg.Aggregator | None = None, shuffle: bool = True,
                     cohort_size: int | None = None, sampling: str = "uniform",
-                    gradient_estimator=None, downlink=None, **unknown_options) -> FederatedAlgorithm:
+                    gradient_estimator=None, downlink=None, client_chunk_size=None,
+                    **unknown_options) -> FederatedAlgorithm:
   """Builds FedAvg + fine-tuning; arguments as `fedavg`, plus
 
   Args:
@@ -60,7 +61,8 @@ def fedavg_finetune(loss_fn, *, client_optimizer: optax.GradientTransformation,
       server_optimizer=server_optimizer, local_epochs=local_epochs,
       local_steps=local_steps, batch_size=batch_size, weighting=weighting,
       aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size, sampling=sampling,
-      gradient_estimator=gradient_estimator, downlink=downlink)
+      gradient_estimator=gradient_estimator, downlink=downlink,
+                  client_chunk_size=client_chunk_size)
   optimizer = finetune_optimizer if finetune_optimizer is not None else client_optimizer
   config = FinetuneConfig(
       loss_fn=loss_fn,

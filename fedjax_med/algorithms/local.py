@@ -21,6 +21,7 @@ import optax
 
 from fedjax_med.core.algorithm import (FederatedAlgorithm, check_num_sites, make_algorithm,
                                        new_server_state, stack_sites)
+from fedjax_med.core import chunking
 from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
 from fedjax_med.core.objective import loss_and_grad
 from fedjax_med.core.options import check_optimizer, check_positive_int, reject_unknown
@@ -32,14 +33,17 @@ class LocalConfig:
   loss_fn: Any
   optimizer: optax.GradientTransformation
   schedule: LocalSchedule
+  client_chunk_size: int | None = None
 
 
-_OPTIONS = ("optimizer", "local_epochs", "local_steps", "batch_size", "shuffle")
+_OPTIONS = ("optimizer", "local_epochs", "local_steps", "batch_size", "shuffle",
+            "client_chunk_size")
 
 
 def local_only(loss_fn, *, optimizer: optax.GradientTransformation,
                local_epochs: int | None = None, local_steps: int | None = None,
                batch_size: int = 32, shuffle: bool = True,
+               client_chunk_size: int | None = None,
                **unknown_options) -> FederatedAlgorithm:
   """Builds independent per-site training (no communication).
 
@@ -49,6 +53,7 @@ def local_only(loss_fn, *, optimizer: optax.GradientTransformation,
     local_epochs / local_steps: work per round (default 1 epoch).
     batch_size: batch size B.
     shuffle: reshuffle every pass.
+    client_chunk_size: sites trained at once (see `fedjax_med.core.chunking`).
 
   Returns:
     FederatedAlgorithm whose `init(params, num_sites)` gives every site a copy
@@ -61,7 +66,8 @@ def local_only(loss_fn, *, optimizer: optax.GradientTransformation,
   config = LocalConfig(
       loss_fn=loss_fn,
       optimizer=check_optimizer("local_only", "optimizer", optimizer),
-      schedule=make_schedule("local_only", batch_size, local_epochs, local_steps, shuffle))
+      schedule=make_schedule("local_only", batch_size, local_epochs, local_steps, shuffle),
+      client_chunk_size=chunking.check_chunk_size("local_only", client_chunk_size))
 
   def init(params, num_sites: int):
     check_positive_int("local_only.init", "num_sites", num_sites)
@@ -87,9 +93,9 @@ def _local_round(config: LocalConfig, state, data, key):
                            x_k, y_k, mask_k, key_k)
     return local.params, local.opt_state, local.num_steps, local.mean_loss
 
-  params, opt_state, steps, losses = jax.vmap(site_update)(
-      state.client_states["params"], state.client_states["opt_state"], x, y, mask,
-      client_keys(key, data.site_ids))
+  params, opt_state, steps, losses = chunking.map_sites(
+      site_update, (state.client_states["params"], state.client_states["opt_state"], x, y,
+                    mask, client_keys(key, data.site_ids)), config.client_chunk_size)
   metrics = {"client_train_loss": losses, "client_steps": steps,
              "num_examples": jnp.sum(mask, axis=1, dtype=jnp.int32)}
   return state._replace(client_states={"params": params, "opt_state": opt_state},

@@ -35,6 +35,7 @@ import optax
 
 from fedjax_med.algorithms.fedavg import SGD_LR_1, cohort_positions
 from fedjax_med.core import aggregation as agg
+from fedjax_med.core import chunking
 from fedjax_med.core import cohort as cohort_lib
 from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
                                        check_num_sites, make_algorithm, new_server_state,
@@ -50,7 +51,8 @@ from fedjax_med.core.tree import tree_l2_norm, tree_select
 _CLIENT_SGD = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0)
 
 _OPTIONS = ("client_learning_rate", "server_optimizer", "local_epochs", "local_steps",
-            "batch_size", "weighting", "aggregator", "shuffle", "cohort_size", "sampling")
+            "batch_size", "weighting", "aggregator", "shuffle", "cohort_size", "sampling",
+            "client_chunk_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,7 @@ class ScaffoldConfig:
   schedule: LocalSchedule
   cohort: cohort_lib.CohortSpec
   aggregator: agg.Aggregator
+  client_chunk_size: int | None = None
 
 
 def scaffold(loss_fn, *, client_learning_rate: float,
@@ -68,6 +71,7 @@ def scaffold(loss_fn, *, client_learning_rate: float,
              batch_size: int = 32, weighting: str = "num_examples",
              aggregator: agg.Aggregator | None = None, shuffle: bool = True,
              cohort_size: int | None = None, sampling: str = "uniform",
+             client_chunk_size: int | None = None,
              **unknown_options) -> FederatedAlgorithm:
   """Builds SCAFFOLD (option II control variates).
 
@@ -77,7 +81,8 @@ def scaffold(loss_fn, *, client_learning_rate: float,
       `fm.set_hyperparams(state, client={"learning_rate": ...})`).
     server_optimizer: optax step on the aggregated Delta (default SGD 1.0,
       i.e. global step size eta_g = 1).
-    Others as `fedavg`.
+    Others as `fedavg` (client_chunk_size bounds the local-training memory;
+    the control variates themselves are K x P).
 
   Returns:
     FederatedAlgorithm with `init(params, num_sites)`. State:
@@ -90,12 +95,15 @@ def scaffold(loss_fn, *, client_learning_rate: float,
     raise OptionError("scaffold: client_learning_rate must be > 0 (option II divides by it)")
   if local_epochs is None and local_steps is None:
     local_epochs = 1
+  chunking.require_linear_aggregator("scaffold", client_chunk_size, aggregator,
+                                     agg.weighted_mean())
   config = ScaffoldConfig(
       loss_fn=loss_fn,
       server_optimizer=check_optimizer("scaffold", "server_optimizer", server_optimizer),
       schedule=make_schedule("scaffold", batch_size, local_epochs, local_steps, shuffle),
       cohort=cohort_lib.make_cohort_spec("scaffold", cohort_size, sampling, weighting),
-      aggregator=aggregator if aggregator is not None else agg.weighted_mean())
+      aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
+      client_chunk_size=chunking.check_chunk_size("scaffold", client_chunk_size))
 
   def init(params, num_sites: int):
     check_positive_int("scaffold.init", "num_sites", num_sites)
@@ -137,13 +145,15 @@ def _scaffold_round(config: ScaffoldConfig, state, data, key):
     c_new = jax.tree_util.tree_map(lambda ck, cg, d: ck - cg + scale * d, c_k, c, delta)
     c_new = tree_select(local.num_steps > 0, c_new, c_k)
     dc = jax.tree_util.tree_map(jnp.subtract, c_new, c_k)
-    return delta, dc, c_new, local.num_steps, local.mean_loss
+    return delta, (dc, c_new, local.num_steps, local.mean_loss)
 
-  deltas, dcs, c_cohort, steps, losses = jax.vmap(client_update)(
-      cohort.data.x, cohort.data.y, cohort.data.mask,
-      client_keys(key, cohort.data.site_ids), cohort.client_states["control"])
-  delta, aggregator_state, agg_metrics = config.aggregator.aggregate(
-      deltas, cohort.weights, state.aggregator_state, server_key(key), cohort.context)
+  delta, (dcs, c_cohort, steps, losses), aggregator_state, agg_metrics = (
+      chunking.aggregate_clients(
+          client_update, (cohort.data.x, cohort.data.y, cohort.data.mask,
+                          client_keys(key, cohort.data.site_ids),
+                          cohort.client_states["control"]),
+          cohort.weights, config.aggregator, state.aggregator_state, server_key(key),
+          cohort.context, config.client_chunk_size))
   params, server_opt_state = apply_server_optimizer(
       config.server_optimizer, w, state.server_opt_state, delta)
 
