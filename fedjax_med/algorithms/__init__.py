@@ -1,5 +1,6 @@
 """Federated algorithms, each an (init, round) pair in its own small file."""
 
+from fedjax_med.algorithms.availability import with_availability
 from fedjax_med.algorithms.cyclic import cyclic
 from fedjax_med.algorithms.ditto import ditto
 from fedjax_med.algorithms.fedavg import fedavg
@@ -13,4 +14,5 @@ from fedjax_med.algorithms.local import local_only
 from fedjax_med.algorithms.scaffold import scaffold
 
 __all__ = ["cyclic", "ditto", "fedadagrad", "fedadam", "fedavg", "fedavg_finetune",
-           "fednova", "fedper", "fedprox", "fedsgd", "fedyogi", "local_only", "scaffold"]
+           "fednova", "fedper", "fedprox", "fedsgd", "fedyogi", "local_only", "scaffold",
+           "with_availability"]

@@ -45,8 +45,7 @@ full data). Round metrics add "online" `[K]`, "num_online" and "skipped".
 from __future__ import annotations
 
 import dataclasses
-import numbers
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
