@@ -11,6 +11,8 @@ The objective is F(w) = sum_k (n_k / n) F_k(w): `fm.weighted_objective`.
 """
 
 from fedjax_med import algorithms
+from fedjax_med import audit
+from fedjax_med import compression
 from fedjax_med import datasets
 from fedjax_med import evaluation
 from fedjax_med import evaluation_tasks
@@ -33,7 +35,7 @@ from fedjax_med.experiment import run_rounds, run_seeds, stack_states
 __version__ = "0.1.0"
 
 __all__ = [
-    "algorithms", "datasets", "evaluation", "evaluation_tasks", "losses", "metrics", "models", "optimizers",
+    "algorithms", "audit", "compression", "datasets", "evaluation", "evaluation_tasks", "losses", "metrics", "models", "optimizers",
     "report",
     "aggregators", "Aggregator", "ClientTransform", "client_weights",
     "FederatedAlgorithm", "FederatedData", "LocalSchedule", "epoch_permutation",
