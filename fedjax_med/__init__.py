@@ -12,6 +12,7 @@ The objective is F(w) = sum_k (n_k / n) F_k(w): `fm.weighted_objective`.
 
 from fedjax_med import algorithms
 from fedjax_med import audit
+from fedjax_med import checkpoint
 from fedjax_med import compression
 from fedjax_med import datasets
 from fedjax_med import evaluation
@@ -21,6 +22,7 @@ from fedjax_med import metrics
 from fedjax_med import models
 from fedjax_med import optimizers
 from fedjax_med import report
+from fedjax_med import sharding
 from fedjax_med.core import aggregation as aggregators
 from fedjax_med.core.aggregation import Aggregator, ClientTransform, client_weights
 from fedjax_med.core.algorithm import FederatedAlgorithm
@@ -35,8 +37,8 @@ from fedjax_med.experiment import run_rounds, run_seeds, stack_states
 __version__ = "0.1.0"
 
 __all__ = [
-    "algorithms", "audit", "compression", "datasets", "evaluation", "evaluation_tasks", "losses", "metrics", "models", "optimizers",
-    "report",
+    "algorithms", "audit", "checkpoint", "compression", "datasets", "evaluation",
+    "evaluation_tasks", "losses", "metrics", "models", "optimizers", "report", "sharding",
     "aggregators", "Aggregator", "ClientTransform", "client_weights",
     "FederatedAlgorithm", "FederatedData", "LocalSchedule", "epoch_permutation",
     "batch_loss", "masked_mean_loss", "site_objectives", "site_weights",
