@@ -1,0 +1,272 @@
+"""Site-level differential privacy: DP-FedAvg (McMahan, Ramage, Talwar & Zhang, ICLR 2018).
+
+The unit of privacy is a whole site (hospital): the released global model
+barely changes whether any one site took part or not. Each round, as links
+of the core aggregation chain (all inside the jit-compiled round):
+
+    poisson_site_sampling(q)   optional: site k takes part with probability q
+    clip_updates(C)            Delta~_k = Delta_k * min(1, C / ||Delta_k||_2)
+    gaussian_sum_mean(sigma, C, W)
+                               Delta = (sum_{k sampled} Delta~_k + N(0, (sigma C)^2 I)) / W
+
+with W a *fixed* public denominator: the expected number of participating
+sites (q K with Poisson sampling, C for a fixed cohort of C sites, K when
+every site takes part). This is McMahan et al.'s unweighted estimator
+f~_f with w_k = 1: adding or removing one site moves the noised sum by at most
+C, so sigma C of noise gives the Gaussian mechanism with noise multiplier
+sigma relative to that sensitivity.
+
+Why not weight by n_k: the weighted mean sum_k (n_k / n) Delta~_k has
+sensitivity max_k (n_k / n) C only if n is fixed and public; but n = sum_k n_k
+changes when a site joins or leaves, which rescales *every other* site's
+weight, so one site moves the aggregate by up to C + sum_{j != k} |p_j - p'_j| C
+(unbounded relative to the noise), and a site can claim a large n_k to
+dominate. Dividing the plain sum by a constant keeps the per-site
+contribution at most C / W. (McMahan et al. allow capped weights
+w_k = min(n_k / w^, 1) with a public cap; w_k = 1 is the special case kept here.)
+
+Accounting (`accounting.site_level_event`, `SiteLevelAccountant`): R rounds
+of PoissonSampled(q, Gaussian(sigma)) under add/remove-one-site neighbours
+(q = 1: Gaussian(sigma)), RDP or PLD. With the algorithms' fixed-size cohorts
+(`cohort_size` of K, without replacement) use `num_sites` and `cohort_size`
+there instead (replace-one neighbours, RDP).
+
+Threat model: the server and anyone who sees the models learn little about
+any one site's data (not only about one patient), assuming the server adds
+the noise honestly (trusted aggregator; combine with secure aggregation and
+distributed noise to remove that trust, not done here) and the clipping is
+applied to every update. Individual clipped updates are visible to the
+server unless secure aggregation hides them. With K = 4 hospitals the noise
+needed for a small epsilon is of the order of the signal: site-level DP
+needs many sites.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_med.algorithms.fedavg import SGD_LR_1, fedavg
+from fedjax_med.core.aggregation import Aggregator, ClientTransform, chain
+from fedjax_med.core.algorithm import FederatedAlgorithm
+from fedjax_med.core.options import OptionError
+from fedjax_med.privacy import accounting
+from fedjax_med.privacy.patient_level import gaussian_noise_like
+from fedjax_med.robust import clip_to_norm
+
+
+def clip_updates(clip_norm: float) -> ClientTransform:
+  """Clips every site's update to L2 norm <= C (norm taken over the whole pytree).
+
+  State: {"clip_norm": float32} (traced; see `set_aggregator_hparams`).
+  Metrics: dp_clipped_fraction (share of weighted sites that were clipped).
+  """
+  c = accounting.check_clip_norm("clip_updates", clip_norm)
+
+  def init(update_template, num_sites=None):
+    del update_template, num_sites
+    return {"clip_norm": jnp.asarray(c, jnp.float32)}
+
+  def apply(updates, weights, state, key, context):
+    del key, context
+    clipped, norms = clip_to_norm(updates, state["clip_norm"])
+    active = weights > 0
+    frac = jnp.sum((norms > state["clip_norm"]) & active) / jnp.maximum(jnp.sum(active), 1)
+    return clipped, weights, state, {"dp_clipped_fraction": frac.astype(jnp.float32)}
+
+  return ClientTransform(init, apply)
+
+
+def poisson_site_sampling(sampling_rate: float) -> ClientTransform:
+  """Each site takes part independently with probability q (Poisson sampling).
+
+  A site left out gets weight 0 (its update is discarded before clipping and
+  noise). Draws use `fold_in(key, position)`, so they are independent across
+  sites and, through the round's key, across rounds. State: {"sampling_rate"}.
+  Metrics: dp_sampled [C] bool (diagnostic; the realised participants are
+  not covered by the DP guarantee if released).
+  """
+  q = accounting.check_rate("poisson_site_sampling", "sampling_rate", sampling_rate)
+
+  def init(update_template, num_sites=None):
+    del update_template, num_sites
+    return {"sampling_rate": jnp.asarray(q, jnp.float32)}
+
+  def apply(updates, weights, state, key, context):
+    u = jax.vmap(lambda p: jax.random.uniform(jax.random.fold_in(key, p)))(
+        context.positions.astype(jnp.uint32))
+    sampled = u < state["sampling_rate"]
+    return updates, jnp.where(sampled, weights, 0.0), state, {"dp_sampled": sampled}
+
+  return ClientTransform(init, apply)
+
+
+def gaussian_sum_mean(noise_multiplier: float, clip_norm: float,
+                      denominator: float) -> Aggregator:
+  """(sum_{k: w_k > 0} u_k + N(0, (sigma C)^2 I)) / W, W fixed (reducer).
+
+  The weights only select who counts (w_k > 0); the sum is unweighted. Noise
+  comes from the reducer's key (split from the round's server key), so it is
+  fresh every round.
+
+  Args:
+    noise_multiplier: sigma >= 0.
+    clip_norm: C > 0, the bound the preceding `clip_updates` enforces.
+    denominator: W > 0, the public expected number of participating sites.
+
+  State: {"noise_multiplier", "clip_norm", "denominator"} float32, traced.
+  Metrics: dp_noise_multiplier, dp_noise_stddev (of the mean: sigma C / W).
+  """
+  name = "gaussian_sum_mean"
+  sigma = accounting.check_noise_multiplier(name, noise_multiplier)
+  c = accounting.check_clip_norm(name, clip_norm)
+  try:
+    w = float(denominator)
+  except (TypeError, ValueError):
+    raise OptionError(f"{name}: denominator must be a number > 0, got {denominator!r}") from None
+  if not w > 0 or w == float("inf"):
+    raise OptionError(f"{name}: denominator must be a finite number > 0, got {denominator!r}")
+
+  def init(update_template, num_sites=None):
+    del update_template, num_sites
+    return {"noise_multiplier": jnp.asarray(sigma, jnp.float32),
+            "clip_norm": jnp.asarray(c, jnp.float32),
+            "denominator": jnp.asarray(w, jnp.float32)}
+
+  def aggregate(updates, weights, state, key, context):
+    del context
+    included = (weights > 0).astype(jnp.float32)
+    total = jax.tree_util.tree_map(
+        lambda u: jnp.tensordot(included.astype(u.dtype), u, axes=(0, 0)), updates)
+    std = state["noise_multiplier"] * state["clip_norm"]
+    noise = gaussian_noise_like(key, total, std)
+    mean = jax.tree_util.tree_map(lambda s, z: (s + z) / state["denominator"].astype(s.dtype),
+                                  total, noise)
+    return mean, state, {"dp_noise_multiplier": state["noise_multiplier"],
+                         "dp_noise_stddev": std / state["denominator"]}
+
+  return Aggregator(init, aggregate)
+
+
+def site_level_dp(clip_norm: float, noise_multiplier: float, *, expected_sites: float,
+                  sampling_rate: float | None = None, pre: tuple = ()) -> Aggregator:
+  """The DP-FedAvg aggregation chain: [sampling ->] [pre ->] clip -> noisy sum / W.
+
+  Args:
+    clip_norm: C > 0.
+    noise_multiplier: sigma >= 0.
+    expected_sites: W, the public expected number of participating sites (q K
+      with Poisson sampling, the cohort size with `cohort_size`, else K).
+    sampling_rate: optional Poisson site sampling rate q (None: no extra sampling).
+    pre: extra ClientTransforms to run before clipping (e.g.
+      `robust.reject_nonfinite()`).
+  """
+  links = []
+  if sampling_rate is not None:
+    links.append(poisson_site_sampling(sampling_rate))
+  links += list(pre)
+  links += [clip_updates(clip_norm), gaussian_sum_mean(noise_multiplier, clip_norm,
+                                                       expected_sites)]
+  return chain(*links)
+
+
+def set_aggregator_hparams(state, **values):
+  """Returns `state` (a ServerState or an aggregator state) with the named numbers
+  replaced in every link state of the chain that holds them.
+
+  E.g. `set_aggregator_hparams(state, noise_multiplier=2.0, clip_norm=0.5)` sets
+  sigma in `gaussian_sum_mean` and C in both `clip_updates` and
+  `gaussian_sum_mean`. Raises ValueError for a name no link holds.
+  """
+  agg_state = state.aggregator_state if hasattr(state, "aggregator_state") else state
+  found = set()
+
+  def visit(node):
+    if isinstance(node, dict):
+      out = dict(node)
+      for name, v in values.items():
+        if name in out:
+          out[name] = jnp.asarray(v, dtype=jnp.asarray(out[name]).dtype)
+          found.add(name)
+      return out
+    if isinstance(node, tuple) and not hasattr(node, "_fields"):
+      return tuple(visit(n) for n in node)
+    return node
+
+  new = visit(agg_state)
+  missing = sorted(set(values) - found)
+  if missing:
+    raise ValueError(f"set_aggregator_hparams: no link of the aggregation chain holds"
+                     f" {missing}")
+  if hasattr(state, "aggregator_state"):
+    return state._replace(aggregator_state=new)
+  return new
+
+
+def dp_fedavg(loss_fn, *, clip_norm: float, noise_multiplier: float,
+              client_optimizer: optax.GradientTransformation, num_sites: int | None = None,
+              sampling_rate: float | None = None, cohort_size: int | None = None,
+              local_epochs: int | None = None, local_steps: int | None = None,
+              batch_size: int = 32, server_optimizer: optax.GradientTransformation = SGD_LR_1,
+              pre: tuple = (), gradient_estimator=None, shuffle: bool = True,
+              downlink=None) -> FederatedAlgorithm:
+  """DP-FedAvg: FedAvg with site-level DP aggregation (`site_level_dp`).
+
+  Exactly one way of choosing participants:
+  * every site every round: give `num_sites=K` (W = K);
+  * Poisson site sampling: `num_sites=K, sampling_rate=q` (W = q K);
+  * fixed-size cohorts: `cohort_size=C` (W = C; account with
+    `SiteLevelAccountant(delta, num_sites=K, cohort_size=C)`).
+
+  Args:
+    loss_fn, client_optimizer, local_epochs, local_steps, batch_size,
+    server_optimizer, shuffle, gradient_estimator, downlink: as `fm.algorithms.fedavg`
+      (a `dp_sgd` estimator here gives patient- and site-level DP at once).
+    clip_norm, noise_multiplier: C and sigma.
+    pre: ClientTransforms before clipping (e.g. robust links).
+  """
+  if cohort_size is None and num_sites is None:
+    raise OptionError("dp_fedavg: give num_sites=K (all sites each round or Poisson"
+                      " sampling) or cohort_size=C (fixed-size cohorts)")
+  if cohort_size is not None and sampling_rate is not None:
+    raise OptionError("dp_fedavg: give sampling_rate (Poisson) or cohort_size (fixed"
+                      " size), not both")
+  if cohort_size is not None:
+    expected = float(cohort_size)
+  else:
+    if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1:
+      raise OptionError(f"dp_fedavg: num_sites must be an integer >= 1, got {num_sites!r}")
+    q = 1.0 if sampling_rate is None else accounting.check_rate(
+        "dp_fedavg", "sampling_rate", sampling_rate)
+    expected = q * num_sites
+  aggregator = site_level_dp(clip_norm, noise_multiplier, expected_sites=expected,
+                             sampling_rate=sampling_rate, pre=tuple(pre))
+  algo = fedavg(loss_fn, client_optimizer=client_optimizer, server_optimizer=server_optimizer,
+                local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
+                weighting="uniform", aggregator=aggregator, shuffle=shuffle,
+                cohort_size=cohort_size, sampling="uniform",
+                gradient_estimator=gradient_estimator, downlink=downlink)
+  if cohort_size is not None:
+    return algo._replace(name="dp_fedavg")
+
+  def check(data):
+    k = data.mask.shape[0]
+    if k != num_sites:
+      raise ValueError(f"dp_fedavg: built for num_sites={num_sites} (denominator W ="
+                       f" {expected:g}) but the data has K = {k} sites; rebuild with"
+                       f" num_sites={k}")
+
+  def round_fn(state, data, key):
+    check(data)
+    return algo.round(state, data, key)
+
+  def pure_round(state, data, key):
+    check(data)
+    return algo.pure_round(state, data, key)
+
+  return algo._replace(name="dp_fedavg", round=round_fn, pure_round=pure_round)
+
+
+__all__ = ["clip_updates", "poisson_site_sampling", "gaussian_sum_mean", "site_level_dp",
+           "set_aggregator_hparams", "dp_fedavg"]

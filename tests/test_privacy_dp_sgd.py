@@ -1,0 +1,222 @@
+"""Patient-level DP-SGD: clipping, Poisson sampling, noise, and its wiring into FedAvg."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import stats
+
+import fedjax_med as fm
+from conftest import bce_loss, init_params, make_sites, np_bce_grad
+from fedjax_med.core.local import STEP_STREAM
+from fedjax_med.privacy import patient_level as pl
+from fedjax_med.privacy.patient_level import dp_sgd, dp_sgd_fedavg
+
+
+def test_per_example_clipping_bounds_and_leaves_small_gradients_unchanged():
+  rng = np.random.default_rng(0)
+  grads = {"w": jnp.asarray(rng.normal(size=(64, 5)) * rng.uniform(0.05, 3, (64, 1)),
+                            jnp.float32),
+           "b": jnp.asarray(rng.normal(size=(64,)), jnp.float32)}
+  c = 1.0
+  clipped, norms = pl.clip_per_example(grads, jnp.float32(c))
+  ref_norms = np.sqrt((np.asarray(grads["w"], np.float64) ** 2).sum(1)
+                      + np.asarray(grads["b"], np.float64) ** 2)
+  np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
+  out = np.sqrt((np.asarray(clipped["w"], np.float64) ** 2).sum(1)
+                + np.asarray(clipped["b"], np.float64) ** 2)
+  assert np.all(out <= c * (1 + 1e-5))
+  big = ref_norms > c
+  assert big.any() and (~big).any()
+  np.testing.assert_allclose(out[big], c, rtol=1e-5)  # clipped ones land on the sphere
+  np.testing.assert_array_equal(np.asarray(clipped["w"])[~big], np.asarray(grads["w"])[~big])
+  np.testing.assert_array_equal(np.asarray(clipped["b"])[~big], np.asarray(grads["b"])[~big])
+  # direction preserved
+  np.testing.assert_allclose(np.asarray(clipped["w"])[big],
+                             np.asarray(grads["w"])[big] * (c / ref_norms[big])[:, None],
+                             rtol=1e-5)
+
+
+def test_per_example_gradients_match_numpy():
+  x, y = make_sites([6], dim=3, seed=1)[0]
+  params = init_params()
+  _, grads = pl.per_example_gradients(bce_loss, params, jnp.asarray(x), jnp.asarray(y))
+  w, b = np.asarray(params["w"], np.float64), float(params["b"])
+  for i in range(6):
+    gw, gb = np_bce_grad(w, b, x[i:i + 1].astype(np.float64), y[i:i + 1].astype(np.float64))
+    np.testing.assert_allclose(grads["w"][i], gw, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads["b"][i], gb, rtol=1e-5, atol=1e-6)
+
+
+def _reference_poisson(key, n_rows, n_real, q):
+  """Row i is sampled iff it is real and U(fold_in(key, i)) < q (row_uniforms' contract)."""
+  u = np.array([float(jax.random.uniform(jax.random.fold_in(key, np.uint32(i))))
+                for i in range(n_rows)])
+  return (np.arange(n_rows) < n_real) & (u < q)
+
+
+@pytest.mark.parametrize("mode", ["expected_batch_size", "sampling_rate"])
+def test_no_noise_huge_clip_equals_plain_gradient_on_the_poisson_sample(mode):
+  x, y = make_sites([23], dim=3, seed=4)[0]
+  n_real, n_rows = 23, 30
+  xp = np.zeros((n_rows, 3), np.float32)
+  yp = np.zeros((n_rows,), np.float32)
+  xp[:n_real], yp[:n_real] = x, y
+  mask = jnp.arange(n_rows) < n_real
+  params = init_params()
+  hp = {"clip_norm": jnp.float32(1e6), "noise_multiplier": jnp.float32(0.0),
+        mode: jnp.float32(6.0 if mode == "expected_batch_size" else 0.3)}
+  q = 6.0 / n_real if mode == "expected_batch_size" else 0.3
+  estimator = (dp_sgd(1e6, 0.0, expected_batch_size=6.0) if mode == "expected_batch_size"
+               else dp_sgd(1e6, 0.0, sampling_rate=0.3))
+  grad_fn = jax.jit(estimator.build(bce_loss, hp))
+  w, b = np.asarray(params["w"], np.float64), float(params["b"])
+  sizes = []
+  for s in range(5):
+    key = jax.random.PRNGKey(10 + s)
+    loss, g = grad_fn(params, jnp.asarray(xp), jnp.asarray(yp), mask, key)
+    sampled = _reference_poisson(jax.random.fold_in(key, pl.SAMPLE_STREAM), n_rows, n_real, q)
+    m = int(sampled.sum())
+    sizes.append(m)
+    gw, gb = np_bce_grad(w, b, xp[sampled].astype(np.float64), yp[sampled].astype(np.float64))
+    # sum of per-example gradients over the sample / (q n_k)
+    np.testing.assert_allclose(g["w"], gw * m / (q * n_real), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(g["b"], gb * m / (q * n_real), rtol=2e-5, atol=1e-6)
+  assert len(set(sizes)) > 1  # a real Poisson sample: the batch size varies
+
+
+def test_poisson_sampling_rate_is_q():
+  mask = jnp.arange(400) < 300
+  keys = jax.random.split(jax.random.PRNGKey(3), 200)
+  draws = jax.vmap(lambda k: pl.poisson_row_mask(k, mask, jnp.float32(0.2)))(keys)
+  draws = np.asarray(draws)
+  assert not draws[:, 300:].any()  # padded rows never sampled
+  rate = draws[:, :300].mean()
+  assert abs(rate - 0.2) < 4 * np.sqrt(0.2 * 0.8 / (200 * 300))
+
+
+def _zero_grad_loss(params, x, y):
+  """Per-example loss with zero gradient: the DP-SGD gradient is pure noise."""
+  del y
+  return jnp.zeros(x.shape[0]) * jnp.sum(params["w"])
+
+
+def test_noise_has_the_right_std():
+  d, c, sigma = 4000, 0.7, 1.3
+  params = {"w": jnp.zeros(d, jnp.float32)}
+  x = jnp.zeros((10, 1))
+  mask = jnp.arange(10) < 8
+  est = dp_sgd(c, sigma, expected_batch_size=4.0)
+  grad_fn = est.build(_zero_grad_loss, {k: jnp.float32(v) for k, v in est.hparams.items()})
+  _, g = grad_fn(params, x, jnp.zeros(10), mask, jax.random.PRNGKey(0))
+  noise = np.asarray(g["w"], np.float64) * 4.0  # expected batch q n_k = 4
+  res = stats.kstest(noise, "norm", args=(0.0, sigma * c))
+  assert res.pvalue > 0.01
+  assert abs(noise.std() / (sigma * c) - 1) < 0.05
+  # and a wrong std is rejected by the same test (the test has power)
+  assert stats.kstest(noise, "norm", args=(0.0, 1.2 * sigma * c)).pvalue < 1e-4
+
+
+def spy():
+  """A link that reports the stacked site updates as a metric."""
+  return fm.ClientTransform(init=lambda t, k=None: (),
+                            apply=lambda u, w, s, k, c: (u, w, s, {"spy": u["w"]}))
+
+
+def test_noise_independent_across_sites_and_rounds():
+  d, c, sigma, b = 3000, 1.0, 1.0, 2.0
+  sites = [(np.zeros((n, 1), np.float32), np.zeros(n, np.float32)) for n in (5, 9, 4)]
+  data = fm.FederatedData.from_sites(sites)
+  algo = dp_sgd_fedavg(_zero_grad_loss, max_examples=data.max_examples, clip_norm=c,
+                       noise_multiplier=sigma, expected_batch_size=b,
+                       client_optimizer=optax.sgd(1.0), local_steps=1,
+                       aggregator=fm.aggregators.chain(spy(), fm.aggregators.weighted_mean()))
+  state = algo.init({"w": jnp.zeros(d, jnp.float32)})
+  noises = []
+  for r in range(3):
+    state, metrics = algo.round(state, data, jax.random.fold_in(jax.random.PRNGKey(7), r))
+    # Delta_k = lr * g_k = noise_k / (q n_k) with q n_k = b for every site here
+    noises.append(np.asarray(metrics["spy"], np.float64) * b / (sigma * c))
+  z = np.concatenate(noises)  # [3 rounds x 3 sites, d]
+  assert stats.kstest(z.ravel(), "norm").pvalue > 0.01
+  corr = np.corrcoef(z)
+  off = corr[~np.eye(len(z), dtype=bool)]
+  assert np.max(np.abs(off)) < 4.5 / np.sqrt(d)  # no two (site, round) vectors correlated
+
+
+def test_round_uses_the_local_step_key():
+  """One round with noise 0 and a huge clip: every site's step is the plain gradient
+  on the Poisson sample drawn from fold_in(fold_in(client_key, STEP_STREAM), 0)."""
+  sites = make_sites([11, 6, 8], seed=9)
+  data = fm.FederatedData.from_sites(sites)
+  params = init_params()
+  lr, b = 0.5, 3.0
+  algo = dp_sgd_fedavg(bce_loss, max_examples=data.max_examples, clip_norm=1e6,
+                       noise_multiplier=0.0, expected_batch_size=b,
+                       client_optimizer=optax.sgd(lr), local_steps=1)
+  key = jax.random.PRNGKey(21)
+  state, metrics = algo.round(algo.init(params), data, key)
+  w, bias = np.asarray(params["w"], np.float64), float(params["b"])
+  n = np.array([11, 6, 8])
+  new_w, new_b = 0.0, 0.0
+  for k, (x, y) in enumerate(sites):
+    step_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, k), STEP_STREAM),
+                                  0)
+    q = b / n[k]
+    sampled = _reference_poisson(jax.random.fold_in(step_key, pl.SAMPLE_STREAM),
+                                 data.max_examples, n[k], q)[:n[k]]
+    m = sampled.sum()
+    if m:
+      gw, gb = np_bce_grad(w, bias, x[sampled].astype(np.float64),
+                           y[sampled].astype(np.float64))
+      gw, gb = gw * m / b, gb * m / b
+    else:
+      gw, gb = 0.0 * w, 0.0
+    p = n[k] / n.sum()
+    new_w = new_w + p * (w - lr * gw)
+    new_b = new_b + p * (bias - lr * gb)
+  np.testing.assert_allclose(state.params["w"], new_w, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(state.params["b"], new_b, rtol=2e-5, atol=2e-6)
+  np.testing.assert_array_equal(metrics["client_steps"], [1, 1, 1])
+
+
+def test_hparams_are_traced_and_checked():
+  sites = make_sites([7, 5], seed=1)
+  data = fm.FederatedData.from_sites(sites)
+  algo = dp_sgd_fedavg(bce_loss, max_examples=data.max_examples, clip_norm=1.0,
+                       noise_multiplier=1.0, expected_batch_size=2.0,
+                       client_optimizer=optax.sgd(0.1))
+  state = algo.init(init_params())
+  assert set(state.hparams) == {"clip_norm", "noise_multiplier", "expected_batch_size"}
+  state, _ = algo.round(state, data, jax.random.PRNGKey(0))
+  state = fm.set_hyperparams(state, noise_multiplier=2.0, clip_norm=0.5)
+  state, _ = algo.round(state, data, jax.random.PRNGKey(1))
+  assert float(state.hparams["noise_multiplier"]) == 2.0
+  bigger = fm.FederatedData.from_sites(make_sites([9, 5], seed=1))
+  with pytest.raises(ValueError, match="max_examples = 7"):
+    algo.round(state, bigger, jax.random.PRNGKey(0))
+
+
+def test_bad_inputs():
+  for clip in (0.0, -1.0, float("inf")):
+    with pytest.raises(ValueError, match="clip_norm"):
+      dp_sgd(clip, 1.0, expected_batch_size=4)
+  with pytest.raises(ValueError, match="noise_multiplier"):
+    dp_sgd(1.0, -0.5, expected_batch_size=4)
+  with pytest.raises(ValueError, match="exactly one"):
+    dp_sgd(1.0, 1.0)
+  with pytest.raises(ValueError, match="exactly one"):
+    dp_sgd(1.0, 1.0, expected_batch_size=3, sampling_rate=0.1)
+  with pytest.raises(ValueError, match="sampling_rate"):
+    dp_sgd(1.0, 1.0, sampling_rate=0.0)
+  with pytest.raises(ValueError, match="expected_batch_size"):
+    dp_sgd(1.0, 1.0, expected_batch_size=-2)
+
+  @fm.batch_loss
+  def cox_like(params, x, y, mask):
+    return jnp.sum(params["w"]) * 0.0
+
+  est = dp_sgd(1.0, 1.0, expected_batch_size=2)
+  with pytest.raises(ValueError, match="batch-level loss"):
+    est.build(cox_like, est.hparams)
