@@ -90,6 +90,29 @@ def row_uniforms(key: jax.Array, num_rows: int) -> jax.Array:
       jnp.arange(num_rows, dtype=jnp.uint32))
 
 
+# Up to this many rows per site, permutations are ranks computed by N^2
+# comparisons (exact, and ~2.4x faster than XLA:CPU's comparator sort at
+# 1000 sites x 64 rows); above it, a stable argsort.
+RANK_MAX_ROWS = 256
+
+
+def sort_permutation(order_key: jax.Array) -> jax.Array:
+  """The stable ascending order of a `[N]` key: `jnp.argsort(order_key, stable=True)`.
+
+  For N <= RANK_MAX_ROWS it is computed as ranks, rank_i = #{j : key_j < key_i,
+  or key_j = key_i and j < i}, scattered to their positions: the identical
+  permutation, without a comparator sort.
+  """
+  n = order_key.shape[0]
+  if n > RANK_MAX_ROWS:
+    return jnp.argsort(order_key, stable=True).astype(jnp.int32)
+  index = jnp.arange(n, dtype=jnp.int32)
+  before = (order_key[None, :] < order_key[:, None]) | (
+      (order_key[None, :] == order_key[:, None]) & (index[None, :] < index[:, None]))
+  rank = jnp.sum(before, axis=1, dtype=jnp.int32)
+  return jnp.zeros((n,), jnp.int32).at[rank].set(index, unique_indices=True)
+
+
 def epoch_permutation(key: jax.Array, mask: jax.Array, shuffle: bool = True) -> jax.Array:
   """Row order of one pass: the real rows first (random order), padding last.
 
@@ -101,13 +124,14 @@ def epoch_permutation(key: jax.Array, mask: jax.Array, shuffle: bool = True) -> 
   Returns:
     int32 `[N_max]` permutation whose first n_k entries are the real rows,
     sorted by `row_uniforms(key, N_max)` (so the order of the real rows does
-    not depend on how much padding follows them).
+    not depend on how much padding follows them); equal to
+    `argsort(where(mask, row_uniforms(key, N_max), 2.0), stable=True)`.
   """
   if shuffle:
     order_key = jnp.where(mask, row_uniforms(key, mask.shape[0]), 2.0)
   else:
     order_key = jnp.where(mask, 0.0, 1.0)
-  return jnp.argsort(order_key, stable=True).astype(jnp.int32)
+  return sort_permutation(order_key)
 
 
 class LocalResult(NamedTuple):
@@ -141,30 +165,37 @@ def local_training(grad_fn: GradFn, optimizer: optax.GradientTransformation,
   n_k = jnp.sum(mask, dtype=jnp.int32)
   offsets = jnp.arange(b, dtype=jnp.int32)
 
+  step_keys = jax.random.fold_in(key, STEP_STREAM)
   if schedule.epochs is not None:
+    # Every step's rows and row mask are known before training: compute them
+    # all at once and feed them to the scan (fewer ops inside the loop).
     steps_per_epoch_max = -(-n_max // b)
     perms = jax.vmap(
         lambda e: epoch_permutation(jax.random.fold_in(key, e), mask, schedule.shuffle))(
             jnp.arange(schedule.epochs))
+    positions = jnp.arange(steps_per_epoch_max * b, dtype=jnp.int32)
+    rows = jnp.take(perms, positions, axis=1, mode="clip")          # [E, S*B]
+    row_masks = jnp.broadcast_to(positions < n_k, rows.shape)
+    schedule_xs = (rows.reshape(-1, b), row_masks.reshape(-1, b))  # [E*S, B] each
 
-    def batch_at(t):
-      epoch, j = t // steps_per_epoch_max, t % steps_per_epoch_max
-      positions = j * b + offsets
-      return jnp.take(perms[epoch], positions, mode="clip"), positions < n_k
+    def batch_at(t, xs):
+      del t
+      return xs
   else:
     steps_per_epoch = jnp.maximum((n_k + b - 1) // b, 1)
+    schedule_xs = None
 
-    def batch_at(t):
+    def batch_at(t, xs):
+      del xs
       epoch, j = t // steps_per_epoch, t % steps_per_epoch
       perm = epoch_permutation(jax.random.fold_in(key, epoch), mask, schedule.shuffle)
       positions = j * b + offsets
       return jnp.take(perm, positions, mode="clip"), positions < n_k
 
-  step_keys = jax.random.fold_in(key, STEP_STREAM)
-
-  def step(carry, t):
+  def step(carry, inputs):
+    t, xs = inputs
     params, opt_state, loss_sum, taken = carry
-    idx, row_mask = batch_at(t)
+    idx, row_mask = batch_at(t, xs)
     active = jnp.any(row_mask)
     loss, grads = grad_fn(params, x[idx], y[idx], row_mask,
                           jax.random.fold_in(step_keys, t))
@@ -178,11 +209,11 @@ def local_training(grad_fn: GradFn, optimizer: optax.GradientTransformation,
   num_steps = schedule.num_scan_steps(n_max)
   init = (params, opt_state, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
   (params, opt_state, loss_sum, taken), _ = jax.lax.scan(
-      step, init, jnp.arange(num_steps, dtype=jnp.int32))
+      step, init, (jnp.arange(num_steps, dtype=jnp.int32), schedule_xs))
   mean_loss = loss_sum / jnp.maximum(taken, 1).astype(jnp.float32)
   return LocalResult(params, opt_state, taken, mean_loss)
 
 
-__all__ = ["STEP_STREAM", "LocalSchedule", "make_schedule", "client_keys", "row_uniforms",
-           "epoch_permutation",
+__all__ = ["STEP_STREAM", "RANK_MAX_ROWS", "LocalSchedule", "make_schedule", "client_keys",
+           "row_uniforms", "sort_permutation", "epoch_permutation",
            "LocalResult", "local_training"]
