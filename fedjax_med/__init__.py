@@ -14,6 +14,7 @@ from fedjax_med import algorithms
 from fedjax_med import audit
 from fedjax_med import checkpoint
 from fedjax_med import compression
+from fedjax_med.data import partition
 from fedjax_med import datasets
 from fedjax_med import evaluation
 from fedjax_med import evaluation_tasks
@@ -40,7 +41,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "algorithms", "audit", "checkpoint", "compression", "datasets", "evaluation",
-    "evaluation_tasks", "losses", "metrics", "models", "optimizers", "privacy", "report",
+    "evaluation_tasks", "losses", "metrics", "models", "optimizers", "partition", "privacy",
+    "report",
     "robust", "sharding",
     "aggregators", "Aggregator", "ClientTransform", "client_weights",
     "FederatedAlgorithm", "FederatedData", "LocalSchedule", "epoch_permutation",

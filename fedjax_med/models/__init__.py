@@ -1,6 +1,7 @@
 """Flax models. The core only ever uses a model through `apply(params, x)`."""
 
+from fedjax_med.models.cnn import CNN, PatchConv
 from fedjax_med.models.logistic import LogisticRegression
 from fedjax_med.models.mlp import MLP
 
-__all__ = ["LogisticRegression", "MLP"]
+__all__ = ["CNN", "LogisticRegression", "MLP", "PatchConv"]
