@@ -20,7 +20,7 @@ Strategies (every one trained from the same initial model within a seed):
 Outputs in --out: results.json (tidy records: dataset, strategy, seed, site,
 split, metric, value; site "mean" = unweighted mean over sites, "pooled" = all
 test rows), table.md (the printed tables) and history.json (train loss per
-round).
+round, as `fm.report` history records); --plots adds report.md and figures.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def run(config: Config, out_dir: str, progress: bool = True) -> list[dict]:
       batch_size=config.batch_size)
 
   records: list[dict] = []
-  history: dict[str, dict[str, list[float]]] = {}
+  history: list[dict] = []
   splits = {"train": train, "test": test}
   for seed in config.seeds:
     run_key = jax.random.PRNGKey(seed)
@@ -100,14 +100,16 @@ def run(config: Config, out_dir: str, progress: bool = True) -> list[dict]:
     for strategy, (algo, rounds) in algorithms.items():
       state, hist = fm.run_rounds(algo, algo.init(params0), train, rounds, train_key,
                                   progress=progress, desc=f"seed {seed} {strategy}")
-      history.setdefault(strategy, {})[str(seed)] = hist["train_loss"].tolist()
+      history += fm.report.history_records(DATASET, strategy, seed,
+                                           {"train_loss": hist["train_loss"]})
       _evaluate(records, model.apply, strategy, seed, state.params, splits)
 
     # Local i: each site alone; "local" scores every site with its own model.
     state, hist = fm.run_rounds(baseline, baseline.init(params0, num_sites), train,
                                 config.baseline_epochs, train_key, progress=progress,
                                 desc=f"seed {seed} local")
-    history.setdefault("local", {})[str(seed)] = hist["client_train_loss"].tolist()
+    history += fm.report.history_records(
+        DATASET, "local", seed, {"train_loss": hist["client_train_loss"].mean(axis=1)})
     site_models = state.client_states["params"]
     _evaluate(records, model.apply, "local", seed, site_models, splits,
               per_site_params=True)
@@ -119,15 +121,15 @@ def run(config: Config, out_dir: str, progress: bool = True) -> list[dict]:
     state, hist = fm.run_rounds(baseline, baseline.init(params0, 1),
                                 pooled_train_one_site, config.baseline_epochs, train_key,
                                 progress=progress, desc=f"seed {seed} pooled")
-    history.setdefault("pooled", {})[str(seed)] = hist["client_train_loss"][:, 0].tolist()
+    history += fm.report.history_records(DATASET, "pooled", seed,
+                                         {"train_loss": hist["client_train_loss"][:, 0]})
     _evaluate(records, model.apply, "pooled", seed,
               fm.evaluation.unstack(state.client_states["params"], 0),
               {"train": pooled_train, "test": pooled_test})
 
   os.makedirs(out_dir, exist_ok=True)
   fm.report.save_records(records, out_dir)
-  with open(os.path.join(out_dir, "history.json"), "w") as f:
-    json.dump(history, f)
+  fm.report.save_history(history, out_dir)
   return records
 
 
@@ -147,6 +149,8 @@ def main(argv=None) -> int:
   parser.add_argument("--out", type=str, default="results/heart_disease",
                       help="output directory")
   parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+  parser.add_argument("--plots", action="store_true",
+                      help="also write report.md and figures (fm.report.write_report)")
   args = parser.parse_args(argv)
 
   config = Config.smoke() if args.smoke else Config()
@@ -169,6 +173,9 @@ def main(argv=None) -> int:
   print(text)
   print(f"\nwrote {os.path.join(args.out, 'results.json')} ({len(records)} records)"
         f" in {elapsed:.1f} s")
+  if args.plots:
+    written = fm.report.write_report(os.path.join(args.out, "results.json"))
+    print("figures:", ", ".join(sorted(os.path.basename(p) for p in written.values())))
   return 0
 
 

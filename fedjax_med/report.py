@@ -471,6 +471,7 @@ def write_report(results_path: str, out_dir: str | None = None,
   and, when a history.json is next to the results (or given) with the
   series they need:
     curves.png               per-round metric curves per strategy
+    train_loss.png           per-round training loss per strategy
     metric_vs_bytes.png      metric vs cumulative bytes (up + down)
     metric_vs_time.png       metric vs simulated time
     metric_vs_wall_time.png  metric vs real training time
@@ -502,6 +503,8 @@ def write_report(results_path: str, out_dir: str | None = None,
     history = load_history(history_path)
     for name, fn in (
         ("curves.png", lambda p: plot_curves(history, metrics, p, site=site, split=split)),
+        ("train_loss.png", lambda p: plot_curves(history, "train_loss", p, site=RUN_SITE,
+                                                 split=RUN_SPLIT)),
         ("metric_vs_bytes.png", lambda p: plot_metric_vs(
             history, "bytes_total", metrics, p, site=site, split=split, log_x=True,
             x_label="cumulative bytes (up + down)")),

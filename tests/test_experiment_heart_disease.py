@@ -76,4 +76,15 @@ def test_different_seed_differs(smoke_run, tmp_path):
     h1 = json.load(f)
   with open(os.path.join(tmp_path, "history.json")) as f:
     h2 = json.load(f)
-  assert h1["fedavg"]["0"] != h2["fedavg"]["1"]
+  loss = lambda h, seed: [r["value"] for r in h if r["strategy"] == "fedavg"
+                          and r["seed"] == seed and r["metric"] == "train_loss"]
+  assert loss(h1, 0) and loss(h1, 0) != loss(h2, 1)
+
+
+def test_plots_flag_writes_the_report(tmp_path):
+  module = _load_script()
+  module.main(["--smoke", "--no-progress", "--plots", "--out", str(tmp_path)])
+  for name in ("report.md", "sites.png", "train_loss.png"):
+    assert os.path.getsize(os.path.join(tmp_path, name)) > 100
+  history = fm.report.load_history(os.path.join(tmp_path, "history.json"))
+  assert {r["strategy"] for r in history} >= {"fedavg", "fedsgd", "local", "pooled"}
