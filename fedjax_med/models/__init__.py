@@ -3,5 +3,6 @@
 from fedjax_med.models.cnn import CNN, PatchConv
 from fedjax_med.models.logistic import LogisticRegression
 from fedjax_med.models.mlp import MLP
+from fedjax_med.models.unet import UNet, num_params
 
-__all__ = ["CNN", "LogisticRegression", "MLP", "PatchConv"]
+__all__ = ["CNN", "LogisticRegression", "MLP", "PatchConv", "UNet", "num_params"]
