@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 OUT    ?= results/heart_disease
+# Test files run in 2 processes (pytest-xdist; a file stays in one process, so its
+# module fixtures run once): 9.5 instead of 13 min on 2 cores. WORKERS=0 runs serially.
+WORKERS ?= 2
 
 .PHONY: run test clean check-python
 
@@ -27,7 +30,7 @@ run: $(VENV)/.installed
 	$(PY) experiments/heart_disease.py --out $(OUT)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -41,6 +41,12 @@ torch's tensors are allocated by C++ runtimes it never sees. ru_maxrss cannot be
 reset inside a process, hence one process per row; "import" is the RSS after the
 imports and data loading, before any round (Python + jax/torch runtime baseline).
 
+W3 (memory): K = 10,000 clients x 16 rows x 784 features, 10 classes, MLP 784-1000-10
+(795,010 parameters), batch 16 (1 local step), FedAvg with `client_chunk_size=M`:
+unchunked, the 10,000 per-client parameter copies alone would take 32 GB; chunked,
+M copies are alive at a time. Peak RSS (VmHWM) of a fresh process after warm-up and
+`--repeats` timed rounds; the data alone are 10,000 x 16 x 784 float32 = 478 MiB.
+
 Seeds: `fm.run_seeds` with 8 seeds vmapped in one compiled call vs 1 seed, same
 rounds, on W1 and W2 K=1000 (median of repeats after warm-up).
 """
@@ -292,6 +298,8 @@ def worker(task: dict) -> dict:
     return seeds_worker(task)
   if kind == "profile":
     return profile_worker(task)
+  if kind == "memory":
+    return memory_worker(task)
   desc = task["workload"]
   if kind == "time":            # one method: warm-up, `repeats` timed rounds, RSS
     run = BUILDERS[task["method"]](desc)
@@ -321,6 +329,39 @@ def worker(task: dict) -> dict:
         out[m]["cpu"].append(cpu)
     return out
   raise ValueError(f"unknown task {kind!r}")
+
+
+W3_K, W3_ROWS, W3_FEATURES, W3_HIDDEN, W3_CLASSES, W3_BATCH = 10_000, 16, 784, 1000, 10, 16
+
+
+def memory_worker(task: dict) -> dict:
+  """W3: a chunked FedAvg round on 10,000 clients with a 0.8M-parameter MLP."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  import fedjax_med as fm  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  x = jax.numpy.asarray(rng.standard_normal((W3_K, W3_ROWS, W3_FEATURES), np.float32))
+  y = jax.numpy.asarray(rng.integers(0, W3_CLASSES, (W3_K, W3_ROWS), dtype=np.int32))
+  data = fm.FederatedData(x, y, jax.numpy.ones((W3_K, W3_ROWS), bool))
+  del x, y
+  model = fm.models.MLP(hidden=(W3_HIDDEN,), num_outputs=W3_CLASSES)
+  loss_fn = fm.losses.softmax_cross_entropy(model.apply)
+  params = model.init(jax.random.PRNGKey(0), data.x[0, :1])
+  algo = fm.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(LR), local_epochs=1,
+                              batch_size=W3_BATCH, client_chunk_size=task["chunk"])
+  box = {"state": algo.init(params), "r": 0}
+  rss_import = _rss_mib()
+
+  def run():
+    box["state"], _ = algo.round(box["state"], data, jax.random.PRNGKey(box["r"]))
+    box["r"] += 1
+    jax.block_until_ready(box["state"].params)
+
+  run()
+  samples = [_timed(run) for _ in range(task["repeats"])]
+  return {"wall": [w for w, _ in samples], "cpu": [c for _, c in samples],
+          "rss_import_mib": rss_import, "peak_rss_mib": _rss_mib(),
+          "num_params": sum(int(a.size) for a in jax.tree_util.tree_leaves(params))}
 
 
 def seeds_worker(task: dict) -> dict:
@@ -501,7 +542,7 @@ def run_benchmark(args) -> dict:
   result = {"meta": {**machine_info(), "repeats": args.repeats,
                      "torch_threads": args.torch_threads,
                      "interleaved_runs": args.interleaved, "quick": args.quick},
-            "rows": [], "interleaved": [], "seeds": []}
+            "rows": [], "interleaved": [], "seeds": [], "memory": []}
   with tempfile.TemporaryDirectory() as tmp:
     for name in names:
       desc = make_workload(name, tmp)
@@ -557,9 +598,26 @@ def run_benchmark(args) -> dict:
             "cpu_ratio_8_over_1": statistics.median(out["8"]["cpu"]) /
                                   statistics.median(out["1"]["cpu"]),
             "peak_rss_mib": out["peak_rss_mib"]})
+  if not args.quick and not args.no_w3:
+    result["memory"] = memory_rows(args)
   result["meta"]["loadavg_before"] = load_before
   result["meta"]["loadavg_after"] = os.getloadavg()
   return result
+
+
+def memory_rows(args) -> list[dict]:
+  """W3: one fresh process per client_chunk_size; s/round and peak RSS."""
+  rows = []
+  for chunk in (int(c) for c in args.w3_chunks.split(",")):
+    print(f"# W3 client_chunk_size {chunk}", file=sys.stderr, flush=True)
+    out = run_worker({"kind": "memory", "chunk": chunk, "repeats": args.repeats})
+    med, lo, hi = _summary(out["wall"])
+    rows.append({
+        "workload": f"W3 K={W3_K} MLP {W3_FEATURES}-{W3_HIDDEN}-{W3_CLASSES}",
+        "num_params": out["num_params"], "client_chunk_size": chunk, "median_s": med,
+        "min_s": lo, "max_s": hi, "peak_rss_mib": out["peak_rss_mib"],
+        "rss_import_mib": out["rss_import_mib"]})
+  return rows
 
 
 def _have_torch() -> bool:
@@ -613,6 +671,21 @@ def print_tables(result: dict) -> None:
             f" {r['speedup_vs_8_sequential']:.2f}x | {r['peak_rss_mib']:.0f} |")
 
 
+def _print_memory(result: dict) -> None:
+  if not result.get("memory"):
+    return
+  print()
+  print("W3 memory: chunked FedAvg round, peak RSS of a fresh process (target < 4 GiB):")
+  print()
+  print("| workload | parameters | client_chunk_size | s/round (median) | min | max |"
+        " peak RSS MiB (after data) |")
+  print("|---|---|---|---|---|---|---|")
+  for r in result["memory"]:
+    print(f"| {r['workload']} | {r['num_params']:,} | {r['client_chunk_size']} |"
+          f" {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} |"
+          f" {r['peak_rss_mib']:.0f} ({r['rss_import_mib']:.0f}) |")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
@@ -628,6 +701,10 @@ def main(argv=None):
                            " these tiny models on a shared 2-core machine)")
   parser.add_argument("--no-w1", action="store_true", help="skip W1")
   parser.add_argument("--no-seeds", action="store_true", help="skip the seeds benchmark")
+  parser.add_argument("--no-w3", action="store_true", help="skip the W3 memory rows")
+  parser.add_argument("--w3-only", action="store_true", help="run the W3 memory rows only")
+  parser.add_argument("--w3-chunks", type=str, default="100,1000",
+                      help="client_chunk_size values for W3")
   parser.add_argument("--profile", action="store_true",
                       help="time variants of the vmapped round at K=1000 instead")
   parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
@@ -652,9 +729,15 @@ def main(argv=None):
       print(f"| {name.strip()} | {wall * 1e3:.2f} | {wall / floor_wall:.2f} |"
             f" {cpu * 1e3:.2f} | {cpu / floor_cpu:.2f} |")
     result = {"meta": machine_info(), "profile": out["variants"], "K": k}
+  elif args.w3_only:
+    load_before = os.getloadavg()
+    result = {"meta": machine_info(), "memory": memory_rows(args)}
+    print(f"load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    _print_memory(result)
   else:
     result = run_benchmark(args)
     print_tables(result)
+    _print_memory(result)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)

@@ -25,6 +25,9 @@ initial model within a seed:
   scaffold  SCAFFOLD (option II control variates), same client lr
   local     each partner trains alone, scored on its own test split
   pooled    one model on all partners' training molecules
+  fedavg_finetune  FedAvg, then `finetune_steps` local SGD steps per partner
+            (personalised; each partner scored with its own model)
+  fedper    FedPer: shared hidden layer, personal output layer (personalised)
 
 Metric: ROC-AUC per assay on each partner's test split (observed labels
 only), mean over the 12 assays ("auc"), then the unweighted mean over
@@ -53,7 +56,8 @@ from fedjax_med.data.tox21 import ASSAYS, tox21
 from fedjax_med.losses.multitask import masked_multitask_bce
 
 DATASET = "tox21"
-ORDER = ("pooled", "local", "fedavg", "fedprox", "scaffold")
+ORDER = ("pooled", "local", "fedavg", "fedprox", "scaffold", "fedavg_finetune", "fedper")
+PERSONALISED = ("fedavg_finetune", "fedper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +73,11 @@ class Config:
   learning_rate: float = 1.0     # client SGD (all strategies)
   rounds: int = 30               # federated rounds x 1 local epoch; local/pooled epochs
   fedprox_mu: float = 0.01
+  finetune_steps: int = 20       # fedavg_finetune: local SGD steps after training
 
   @classmethod
   def smoke(cls) -> "Config":
-    return cls(seeds=(0,), num_partners=4, hidden=(16,), rounds=2)
+    return cls(seeds=(0,), num_partners=4, hidden=(16,), rounds=2, finetune_steps=2)
 
 
 def strategies(config: Config, loss_fn):
@@ -85,6 +90,11 @@ def strategies(config: Config, loss_fn):
                                         **common), False),
       "scaffold": (fm.algorithms.scaffold(loss_fn, client_learning_rate=config.learning_rate,
                                           **common), True),
+      "fedavg_finetune": (fm.algorithms.fedavg_finetune(
+          loss_fn, finetune_steps=config.finetune_steps, client_optimizer=sgd, **common),
+          False),
+      "fedper": (fm.algorithms.fedper(loss_fn, personal=("output",), client_optimizer=sgd,
+                                      **common), True),
   }
 
 
@@ -135,7 +145,12 @@ def run(config: Config, progress: bool = True) -> tuple[list[dict], dict]:
     init = [algo.init(p, k) if needs_k else algo.init(p) for p in init_params]
     states, _ = fm.run_seeds(algo, fm.stack_states(init), train, config.rounds, run_keys)
     for i, seed in enumerate(seeds):
-      add(name, seed, _unstack(states.params, i))
+      if name in PERSONALISED:
+        state = _unstack(states, i)
+        models = algo.personalize(state, train, jax.random.fold_in(run_keys[i], config.rounds))
+        add(name, seed, models, per_site=True)
+      else:
+        add(name, seed, _unstack(states.params, i))
     timed(name, t0)
   return records, timings
 
