@@ -1,6 +1,6 @@
 """Drug discovery across pharma partners: Tox21, 12 toxicity assays, missing labels.
 
-    python experiments/drug_discovery.py                       # defaults below, ~4 min on 2 cores
+    python experiments/drug_discovery.py                       # defaults below, ~95 s on 2 cores
     python experiments/drug_discovery.py --seeds 0 --out /tmp/dd
     python experiments/drug_discovery.py --smoke               # seconds, for tests
 
