@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import fedjax_med as fm
+from fedjax_med.models import dense as dense_module
 from fedjax_med.models.dense import UNROLL_MAX_ROWS, Dense, kernel_grad
 
 
@@ -50,7 +51,10 @@ def test_same_parameters_outputs_and_gradients_as_flax_dense(rows):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_grad_is_x_transpose_g():
+@pytest.mark.parametrize("max_work", [dense_module.UNROLL_MAX_WORK, 10])
+def test_kernel_grad_is_x_transpose_g(monkeypatch, max_work):
+  # max_work = 10 < 6 * 3 * 2 sends the vmapped rule to the batched matmul.
+  monkeypatch.setattr(dense_module, "UNROLL_MAX_WORK", max_work)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(4, 6, 3)).astype(np.float32)
   g = rng.normal(size=(4, 6, 2)).astype(np.float32)

@@ -13,11 +13,14 @@ client with its own W. Autodiff of `x @ W` then asks for dW as a batched
 matmul [K, N, I]^T [K, N, O] -> [K, I, O], which XLA:CPU runs as K small
 GEMMs. For the small per-step batches of local training (N = B rows), the
 same sum written as N outer products, which XLA fuses into one elementwise
-loop, is several times faster (K = 1000, N = 16: 32x64 kernel 3.3 -> 0.63 ms,
-64x2 kernel 1.8 -> 0.10 ms; see benchmarks/README.md). `kernel_grad` has a
-custom vmap rule that takes that form when N <= `UNROLL_MAX_ROWS`, and the
-batched matmul otherwise; unbatched (centralised training, the benchmark's
-compute floor) it is the plain `x^T g` matmul. The results agree to float
+loop, is several times faster for small kernels (measured on 2 CPU cores,
+N = 16: 32x64 kernel, K = 1000: 2.4 -> 0.75 ms; 128x12, K = 1000: 3.2 -> 0.56 ms;
+256x256, K = 300: 46 -> 26 ms) and slower for large ones (784x1000, K = 100:
+92 -> 117 ms), where the GEMMs are big enough to pay. `kernel_grad` has a custom
+vmap rule that takes the unrolled form when N <= `UNROLL_MAX_ROWS` and
+N * I * O <= `UNROLL_MAX_WORK` (= 16 x 512 x 512), and the batched matmul
+otherwise; unbatched (centralised training, the benchmark's compute floor) it
+is the plain `x^T g` matmul. The results agree to float
 rounding (summation order), tested against autodiff of `x @ W + b`.
 Forward-mode differentiation (jvp) is not supported (custom VJP).
 """
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 from jax import custom_batching
 
 UNROLL_MAX_ROWS = 32
+UNROLL_MAX_WORK = 16 * 512 * 512
 
 
 def _contract_rows(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -51,7 +55,7 @@ def _kernel_grad_vmap(axis_size, in_batched, x, g):
   if not g_batched:
     g = jnp.broadcast_to(g, (axis_size,) + g.shape)
   rows = x.shape[1]
-  if rows > UNROLL_MAX_ROWS:
+  if rows > UNROLL_MAX_ROWS or rows * x.shape[2] * g.shape[2] > UNROLL_MAX_WORK:
     return _contract_rows(x, g), True
   out = x[:, 0, :, None] * g[:, 0, None, :]
   for n in range(1, rows):
@@ -100,4 +104,4 @@ class Dense(nn.Module):
     return dense(x.astype(dtype), kernel.astype(dtype), bias.astype(dtype))
 
 
-__all__ = ["Dense", "dense", "kernel_grad", "UNROLL_MAX_ROWS"]
+__all__ = ["Dense", "dense", "kernel_grad", "UNROLL_MAX_ROWS", "UNROLL_MAX_WORK"]
