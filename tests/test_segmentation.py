@@ -47,16 +47,30 @@ def test_dice_hand_computed():
     dice(np.zeros(3), np.zeros(3), np.zeros(4))
 
 
-def test_pixel_roc_auc_equals_roc_auc():
+def pairwise_auc(target, scores):
+  """P(s_pos > s_neg) + 0.5 P(s_pos = s_neg) over all positive-negative pairs."""
+  pos, neg = scores[target], scores[~target]
+  diff = pos[:, None] - neg[None, :]
+  return (np.sum(diff > 0) + 0.5 * np.sum(diff == 0)) / diff.size
+
+
+def test_pixel_roc_auc_equals_pairwise_reference():
   rng = np.random.default_rng(0)
-  for n in (7, 200, 5000):
+  for n in (7, 200, 3000):
     scores = np.round(rng.normal(size=n), 1)           # many ties
     target = rng.uniform(size=n) < 0.3
     region = rng.uniform(size=n) < 0.8
-    assert pixel_roc_auc(scores, target) == pytest.approx(roc_auc(target, scores),
+    assert pixel_roc_auc(scores, target) == pytest.approx(pairwise_auc(target, scores),
                                                           abs=1e-12)
     assert pixel_roc_auc(scores, target, region) == pytest.approx(
-        roc_auc(target[region], scores[region]), abs=1e-12)
+        pairwise_auc(target[region], scores[region]), abs=1e-12)
+  # Images: [H, W] scores and masks.
+  scores = np.round(rng.uniform(size=(30, 40)), 2)
+  target = rng.uniform(size=(30, 40)) < 0.2
+  region = np.zeros((30, 40), bool)
+  region[5:25, 3:30] = True
+  assert pixel_roc_auc(scores, target, region) == pytest.approx(
+      pairwise_auc(target[region], scores[region]), abs=1e-12)
   assert math.isnan(pixel_roc_auc(np.arange(3.0), np.zeros(3)))
   scores = rng.uniform(size=(6, 5)).astype(np.float32)
   target = rng.uniform(size=(6, 5)) < 0.4
