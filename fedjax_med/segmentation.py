@@ -52,10 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_med.core.algorithm import FederatedAlgorithm, check_round_inputs
+from fedjax_med.core.algorithm import FederatedAlgorithm, make_round
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.options import OptionError, check_positive_int
-from fedjax_med.core.state import canonical_hparams
 
 # The patch stream's key is fold_in(round_key, PATCH_STREAM): a value that no
 # site id takes in practice and distinct from the server stream (2**32 - 1).
@@ -161,13 +160,12 @@ class PatchSpec:
   valid_channel: int | None = -1
 
 
-def _patched_round(pure_round, spec: PatchSpec, state, data, key):
+def _patched_round(config: tuple[Callable, PatchSpec], state, data, key):
+  """The round on this round's patches: config = (the algorithm's pure_round, spec)."""
+  pure_round, spec = config
   patches = patch_data(data, jax.random.fold_in(key, PATCH_STREAM),
                        spec.patches_per_image, spec.patch_size, spec.valid_channel)
   return pure_round(state, patches, key)
-
-
-_jitted_patched_round = jax.jit(_patched_round, static_argnums=(0, 1))
 
 
 def with_patches(algo: FederatedAlgorithm, *, patches_per_image: int, patch_size: int,
@@ -197,27 +195,25 @@ def with_patches(algo: FederatedAlgorithm, *, patches_per_image: int, patch_size
                                       patches_per_image),
                    check_positive_int("with_patches", "patch_size", patch_size),
                    valid_channel)
-  pure = functools.partial(_patched_round, algo.pure_round, spec)
+  config = (algo.pure_round, spec)
   name = f"{algo.name}+patches"
+  patched_round = make_round(name, _patched_round, config, None)
 
   def round_fn(state, data: FederatedData, key: jax.Array):
-    check_round_inputs(name, None, state, data)
-    if data.x.ndim < 4 or min(data.x.shape[2:4]) < spec.patch_size:
-      raise ValueError(
-          f"{name}.round: data.x has shape {data.x.shape}; expected images"
-          f" [K, N_max, H, W, C] with H, W >= patch_size = {spec.patch_size}")
-    if data.y.shape[2:4] != data.x.shape[2:4]:
-      raise ValueError(
-          f"{name}.round: data.y has shape {data.y.shape}; expected per-pixel labels"
-          f" [K, N_max, {data.x.shape[2]}, {data.x.shape[3]}, ...]")
-    state = state._replace(hparams=canonical_hparams(state.hparams),
-                           client_hparams=canonical_hparams(state.client_hparams))
-    leaves, _ = data.tree_flatten()
-    arrays = FederatedData.tree_unflatten((None, None), leaves)
-    return _jitted_patched_round(algo.pure_round, spec, state, arrays, key)
+    if isinstance(data, FederatedData):
+      if data.x.ndim < 4 or min(data.x.shape[2:4]) < spec.patch_size:
+        raise ValueError(
+            f"{name}.round: data.x has shape {data.x.shape}; expected images"
+            f" [K, N_max, H, W, C] with H, W >= patch_size = {spec.patch_size}")
+      if data.y.shape[2:4] != data.x.shape[2:4]:
+        raise ValueError(
+            f"{name}.round: data.y has shape {data.y.shape}; expected per-pixel labels"
+            f" [K, N_max, {data.x.shape[2]}, {data.x.shape[3]}, ...]")
+    return patched_round(state, data, key)
 
   round_fn.__name__ = f"{algo.name}_patches_round"
-  return FederatedAlgorithm(init=algo.init, round=round_fn, name=name, pure_round=pure,
+  return FederatedAlgorithm(init=algo.init, round=round_fn, name=name,
+                            pure_round=functools.partial(_patched_round, config),
                             personalize=algo.personalize)
 
 
