@@ -340,6 +340,15 @@ def _panels(plt, count: int, width: float = 6.0, height: float = 4.0):
   return fig, list(axes[0])
 
 
+def _save(plt, fig, path: str) -> str:
+  """Lays out, writes `fig` as PNG at `path` (creating its folder), closes it."""
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def plot_metric_vs(history: Sequence[dict[str, Any]], x_metric: str, metric: str,
                    path: str, *, x_site: str = RUN_SITE, x_split: str = RUN_SPLIT,
                    site: str = "mean", split: str = "test",
@@ -379,11 +388,7 @@ def plot_metric_vs(history: Sequence[dict[str, Any]], x_metric: str, metric: str
       ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def plot_curves(history: Sequence[dict[str, Any]], metric, path: str, *,
@@ -411,11 +416,7 @@ def plot_curves(history: Sequence[dict[str, Any]], metric, path: str, *,
     ax.set_title(d)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def plot_site_bars(records: Sequence[dict[str, Any]], metric, path: str, *,
@@ -452,11 +453,7 @@ def plot_site_bars(records: Sequence[dict[str, Any]], metric, path: str, *,
     ax.set_ylabel(f"{m} ({split})")
     ax.set_title(d)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def write_report(results_path: str, out_dir: str | None = None,
