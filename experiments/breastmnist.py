@@ -190,12 +190,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = Config.smoke() if args.smoke else Config()
-  overrides = {"rounds": args.rounds, "alpha": args.alpha, "num_sites": args.num_sites,
-               "partition_seed": args.partition_seed}
-  config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-  if args.seeds:
-    config = dataclasses.replace(
-        config, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()))
+  config = fm.experiment.with_overrides(
+      config, rounds=args.rounds, alpha=args.alpha, num_sites=args.num_sites,
+      partition_seed=args.partition_seed, seeds=args.seeds)
   start = time.perf_counter()
   records = run(config, args.out, progress=not args.no_progress)
   elapsed = time.perf_counter() - start
@@ -209,8 +206,8 @@ def main(argv=None) -> int:
             f" all {int(np.sum(test.num_examples))} test images.\n"
             f"{json.dumps(dataclasses.asdict(config))}\n"
             f"{elapsed:.0f} s, jax {jax.__version__} on {jax.default_backend()}\n")
-  with open(os.path.join(args.out, "table.md"), "w") as f:
-    f.write(header + "\n" + site_summary(train, test) + "\n\n" + text + "\n")
+  fm.experiment.write_table(
+      args.out, header + "\n" + site_summary(train, test) + "\n\n" + text + "\n")
   print(header)
   print(site_summary(train, test) + "\n")
   print(text)

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -299,9 +298,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = Config.smoke() if args.smoke else Config()
-  if args.seeds:
-    config = dataclasses.replace(
-        config, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()))
+  config = fm.experiment.with_overrides(config, seeds=args.seeds)
   if args.dataset:
     names = tuple(s.strip() for s in args.dataset.split(",") if s.strip())
     unknown = sorted(set(names) - set(DATASETS))
@@ -322,8 +319,7 @@ def main(argv=None) -> int:
   header = (f"Communication and time, mean ± std over seeds {list(config.seeds)};"
             f" site {config.straggler} is {config.straggler_factor:g}x slower.\n"
             f"{json.dumps(dataclasses.asdict(config))}\n")
-  with open(os.path.join(args.out, "table.md"), "w") as f:
-    f.write(header + "\n" + text + "\n")
+  fm.experiment.write_table(args.out, header + "\n" + text + "\n")
   print(header)
   print(text)
   if not args.no_plots:

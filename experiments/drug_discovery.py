@@ -200,11 +200,7 @@ def main(argv=None) -> int:
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   config = Config.smoke() if args.smoke else Config()
-  if args.seeds:
-    config = dataclasses.replace(
-        config, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()))
-  if args.rounds is not None:
-    config = dataclasses.replace(config, rounds=args.rounds)
+  config = fm.experiment.with_overrides(config, seeds=args.seeds, rounds=args.rounds)
   start = time.perf_counter()
   records, timings = run(config, progress=not args.no_progress)
   elapsed = time.perf_counter() - start
@@ -220,8 +216,7 @@ def main(argv=None) -> int:
             f"Run time {elapsed:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}),"
             f" jax {jax.__version__} on {jax.default_backend()}.\n")
   text = header + "\n" + tables(records, site_names)
-  with open(os.path.join(args.out, "table.md"), "w") as f:
-    f.write(text + "\n")
+  fm.experiment.write_table(args.out, text + "\n")
   print(text)
   print(f"\nwrote {os.path.join(args.out, 'results.json')} ({len(records)} records)")
   return 0

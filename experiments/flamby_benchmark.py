@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -273,7 +272,7 @@ def main(argv=None) -> int:
   for d in datasets:
     if d not in DATASETS:
       parser.error(f"unknown dataset {d!r}; choose from {DATASETS}")
-  seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  seeds = list(fm.experiment.parse_seeds(args.seeds))
   if args.smoke:
     seeds = seeds[:2]
   os.makedirs(args.out, exist_ok=True)
@@ -293,8 +292,7 @@ def main(argv=None) -> int:
   elapsed = time.perf_counter() - start
   fm.report.save_records(records, args.out)
   text = "\n\n".join(texts) + f"\n\nTotal {elapsed:.0f} s, jax {jax.__version__} on {jax.default_backend()}.\n"
-  with open(os.path.join(args.out, "table.md"), "w") as f:
-    f.write(text)
+  fm.experiment.write_table(args.out, text)
   print(text)
   return 0
 

@@ -33,7 +33,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 import optax
 
 import fedjax_med as fm
@@ -154,11 +153,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = Config.smoke() if args.smoke else Config()
-  if args.rounds is not None:
-    config = dataclasses.replace(config, rounds=args.rounds)
-  if args.seeds:
-    config = dataclasses.replace(
-        config, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()))
+  config = fm.experiment.with_overrides(config, rounds=args.rounds, seeds=args.seeds)
   start = time.perf_counter()
   records = run(config, args.out, progress=not args.no_progress)
   elapsed = time.perf_counter() - start
@@ -167,8 +162,7 @@ def main(argv=None) -> int:
   header = (f"Fed-Heart-Disease, test set, mean ± std over seeds {list(config.seeds)};"
             f" site 'mean' = unweighted mean over the 4 sites, 'pooled' = all test rows.\n"
             f"{json.dumps(dataclasses.asdict(config))}\n")
-  with open(os.path.join(args.out, "table.md"), "w") as f:
-    f.write(header + "\n" + text + "\n")
+  fm.experiment.write_table(args.out, header + "\n" + text + "\n")
   print(header)
   print(text)
   print(f"\nwrote {os.path.join(args.out, 'results.json')} ({len(records)} records)"

@@ -251,11 +251,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = Config.smoke() if args.smoke else Config()
-  if args.rounds is not None:
-    config = dataclasses.replace(config, rounds=args.rounds)
-  if args.seeds:
-    config = dataclasses.replace(
-        config, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()))
+  config = fm.experiment.with_overrides(config, rounds=args.rounds, seeds=args.seeds)
   start = time.perf_counter()
   records, timings = run(config, args.out, progress=not args.no_progress)
   elapsed = time.perf_counter() - start
@@ -269,8 +265,7 @@ def main(argv=None) -> int:
       f"device: {jax.devices()[0].platform}; wall time {elapsed:.0f} s ("
       + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")\n")
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "table.md"), "w") as f:
-    f.write(header + "\n" + text + "\n")
+  fm.experiment.write_table(args.out, header + "\n" + text + "\n")
   print(header)
   print(text)
   print(f"\nwrote {os.path.join(args.out, 'results.json')} ({len(records)} records)"

@@ -231,17 +231,13 @@ def main(argv=None) -> int:
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   config = Config.smoke() if args.smoke else Config()
-  if args.seeds:
-    config = dataclasses.replace(
-        config, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()))
+  config = fm.experiment.with_overrides(config, seeds=args.seeds, rounds=args.rounds)
   if args.target:
     targets = tuple(t.strip() for t in args.target.split(",") if t.strip())
     for t in targets:
       if t not in TARGETS:
         parser.error(f"unknown target {t!r}; choose from {TARGETS}")
     config = dataclasses.replace(config, targets=targets)
-  if args.rounds is not None:
-    config = dataclasses.replace(config, rounds=args.rounds)
   start = time.perf_counter()
   records, timings = run(config, progress=not args.no_progress)
   elapsed = time.perf_counter() - start
@@ -258,8 +254,7 @@ def main(argv=None) -> int:
     texts.append(f"## {target}\n\n" + summary(records, dataset_name(target)))
     bar_plot(records, dataset_name(target), os.path.join(args.out, f"telemonitoring_{target}.png"))
   text = "\n\n".join(texts)
-  with open(os.path.join(args.out, "table.md"), "w") as f:
-    f.write(text + "\n")
+  fm.experiment.write_table(args.out, text + "\n")
   print(text)
   print(f"\nwrote {os.path.join(args.out, 'results.json')} ({len(records)} records)")
   return 0

@@ -7,7 +7,9 @@ same seed gives bit-identical results and rounds never share randomness.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 
 from fedjax_med.core.algorithm import FederatedAlgorithm, arrays_only, check_round_inputs
 from fedjax_med.core.federated_data import FederatedData
-from fedjax_med.core.options import check_positive_int
+from fedjax_med.core.options import OptionError, check_positive_int
 from fedjax_med.core.state import ServerState
 
 
@@ -105,4 +107,38 @@ def _run_seeds_jit(pure_round, num_rounds, states, data, run_keys):
   return states, history
 
 
-__all__ = ["run_rounds", "round_key", "run_seeds", "stack_states"]
+
+# -- experiment scripts: command-line overrides and the table they write --------
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+  """"0,1,2" -> (0, 1, 2), as the experiment scripts' `--seeds` flag gives it."""
+  try:
+    seeds = tuple(int(s) for s in str(text).split(",") if s.strip())
+  except ValueError:
+    raise OptionError(f"seeds must be comma-separated integers, got {text!r}") from None
+  if not seeds:
+    raise OptionError(f"seeds must name at least one seed, got {text!r}")
+  return seeds
+
+
+def with_overrides(config: Any, **values: Any) -> Any:
+  """`dataclasses.replace(config, **values)` for the values given (not None or "").
+
+  A `seeds` value may be the comma-separated string of a `--seeds` flag.
+  """
+  values = {k: v for k, v in values.items() if v is not None and v != ""}
+  if isinstance(values.get("seeds"), str):
+    values["seeds"] = parse_seeds(values["seeds"])
+  return dataclasses.replace(config, **values)
+
+
+def write_table(out_dir: str, text: str) -> str:
+  """Writes `text` as `out_dir/table.md` (creating the folder); returns the path."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "table.md")
+  with open(path, "w") as f:
+    f.write(text)
+  return path
+
+__all__ = ["run_rounds", "round_key", "run_seeds", "stack_states", "parse_seeds", "with_overrides",
+           "write_table"]

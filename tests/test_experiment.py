@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 import optax
 
 import fedjax_med as fm
@@ -37,3 +38,24 @@ def test_run_seeds_sweeps_learning_rates(data):
     single, _ = fm.run_rounds(algo, fm.set_hyperparams(base, client={"learning_rate": lr},
                                                        mu=lr), data, 3, key, progress=False)
     np.testing.assert_allclose(swept.params["w"][i], single.params["w"], rtol=1e-6, atol=1e-7)
+
+
+def test_experiment_script_helpers(tmp_path):
+  import dataclasses
+
+  @dataclasses.dataclass(frozen=True)
+  class Config:
+    seeds: tuple = (0,)
+    rounds: int = 10
+    alpha: float = 0.5
+
+  assert fm.experiment.parse_seeds("0, 1,2") == (0, 1, 2)
+  for bad in ("", ",", "a,1"):
+    with pytest.raises(ValueError, match="seeds"):
+      fm.experiment.parse_seeds(bad)
+  config = fm.experiment.with_overrides(Config(), seeds="3,4", rounds=None, alpha=0.1)
+  assert config == Config(seeds=(3, 4), rounds=10, alpha=0.1)
+  assert fm.experiment.with_overrides(Config(), seeds="", rounds=5) == Config(rounds=5)
+  assert fm.experiment.with_overrides(Config(), seeds=(7,)) == Config(seeds=(7,))
+  path = fm.experiment.write_table(str(tmp_path / "out"), "| a |\n")
+  assert path == str(tmp_path / "out" / "table.md") and open(path).read() == "| a |\n"
