@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_med.core.algorithm import FederatedAlgorithm, make_round
+from fedjax_med.core.algorithm import FederatedAlgorithm, make_round, with_data_check
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.options import OptionError, check_positive_int
 
@@ -197,24 +197,24 @@ def with_patches(algo: FederatedAlgorithm, *, patches_per_image: int, patch_size
                    valid_channel)
   config = (algo.pure_round, spec)
   name = f"{algo.name}+patches"
-  patched_round = make_round(name, _patched_round, config, None)
 
-  def round_fn(state, data: FederatedData, key: jax.Array):
-    if isinstance(data, FederatedData):
-      if data.x.ndim < 4 or min(data.x.shape[2:4]) < spec.patch_size:
-        raise ValueError(
-            f"{name}.round: data.x has shape {data.x.shape}; expected images"
-            f" [K, N_max, H, W, C] with H, W >= patch_size = {spec.patch_size}")
-      if data.y.shape[2:4] != data.x.shape[2:4]:
-        raise ValueError(
-            f"{name}.round: data.y has shape {data.y.shape}; expected per-pixel labels"
-            f" [K, N_max, {data.x.shape[2]}, {data.x.shape[3]}, ...]")
-    return patched_round(state, data, key)
+  def check(data):
+    if not isinstance(data, FederatedData):
+      return      # make_round's check raises the TypeError
+    if data.x.ndim < 4 or min(data.x.shape[2:4]) < spec.patch_size:
+      raise ValueError(
+          f"{name}.round: data.x has shape {data.x.shape}; expected images"
+          f" [K, N_max, H, W, C] with H, W >= patch_size = {spec.patch_size}")
+    if data.y.shape[2:4] != data.x.shape[2:4]:
+      raise ValueError(
+          f"{name}.round: data.y has shape {data.y.shape}; expected per-pixel labels"
+          f" [K, N_max, {data.x.shape[2]}, {data.x.shape[3]}, ...]")
 
-  round_fn.__name__ = f"{algo.name}_patches_round"
-  return FederatedAlgorithm(init=algo.init, round=round_fn, name=name,
-                            pure_round=functools.partial(_patched_round, config),
-                            personalize=algo.personalize)
+  patched = FederatedAlgorithm(init=algo.init,
+                               round=make_round(name, _patched_round, config, None),
+                               name=name, pure_round=functools.partial(_patched_round, config),
+                               personalize=algo.personalize)
+  return with_data_check(patched, check)
 
 
 # -- tiled inference ----------------------------------------------------------

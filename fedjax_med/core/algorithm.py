@@ -156,6 +156,22 @@ def check_num_sites(name: str, client_states: Any, num_sites: int) -> None:
                      f" has {num_sites}; call init(params, num_sites={num_sites})")
 
 
+
+def with_data_check(algo: FederatedAlgorithm, check: Callable[[FederatedData], None],
+                    name: str | None = None) -> FederatedAlgorithm:
+  """`algo` whose `round` and `pure_round` first call `check(data)` (host-side, on
+  static shapes: it raises for data the algorithm was not built for)."""
+
+  def round_fn(state, data, key):
+    check(data)
+    return algo.round(state, data, key)
+
+  def pure_round(state, data, key):
+    check(data)
+    return algo.pure_round(state, data, key)
+
+  return algo._replace(round=round_fn, pure_round=pure_round, name=name or algo.name)
+
 __all__ = ["FederatedAlgorithm", "SERVER_STREAM", "server_key", "apply_server_optimizer",
            "check_round_inputs", "make_round", "make_algorithm", "new_server_state",
-           "stack_sites", "check_num_sites"]
+           "stack_sites", "check_num_sites", "with_data_check"]

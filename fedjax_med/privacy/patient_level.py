@@ -53,7 +53,7 @@ import numpy as np
 import optax
 
 from fedjax_med.algorithms.fedavg import SGD_LR_1, fedavg
-from fedjax_med.core.algorithm import FederatedAlgorithm
+from fedjax_med.core.algorithm import FederatedAlgorithm, with_data_check
 from fedjax_med.core.local import row_uniforms
 from fedjax_med.core.objective import GradientEstimator, is_batch_loss
 from fedjax_med.core.options import OptionError, check_positive_int
@@ -263,15 +263,7 @@ def with_batch_check(algo: FederatedAlgorithm, n_max: int, name: str) -> Federat
           f" built with max_examples = {n_max}; a DP-SGD step must see the whole site"
           f" (Poisson sampling over all its rows). Rebuild with max_examples >= {rows}")
 
-  def round_fn(state, data, key):
-    check(data)
-    return algo.round(state, data, key)
-
-  def pure_round(state, data, key):
-    check(data)
-    return algo.pure_round(state, data, key)
-
-  return algo._replace(round=round_fn, pure_round=pure_round, name=name)
+  return with_data_check(algo, check, name)
 
 
 __all__ = ["SAMPLE_STREAM", "NOISE_STREAM", "per_example_gradients", "clip_per_example",

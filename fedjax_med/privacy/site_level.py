@@ -49,7 +49,7 @@ import optax
 
 from fedjax_med.algorithms.fedavg import SGD_LR_1, fedavg
 from fedjax_med.core.aggregation import Aggregator, ClientTransform, chain
-from fedjax_med.core.algorithm import FederatedAlgorithm
+from fedjax_med.core.algorithm import FederatedAlgorithm, with_data_check
 from fedjax_med.core.options import OptionError
 from fedjax_med.privacy import accounting
 from fedjax_med.privacy.patient_level import gaussian_noise_like
@@ -257,15 +257,7 @@ def dp_fedavg(loss_fn, *, clip_norm: float, noise_multiplier: float,
                        f" {expected:g}) but the data has K = {k} sites; rebuild with"
                        f" num_sites={k}")
 
-  def round_fn(state, data, key):
-    check(data)
-    return algo.round(state, data, key)
-
-  def pure_round(state, data, key):
-    check(data)
-    return algo.pure_round(state, data, key)
-
-  return algo._replace(name="dp_fedavg", round=round_fn, pure_round=pure_round)
+  return with_data_check(algo, check, "dp_fedavg")
 
 
 __all__ = ["clip_updates", "poisson_site_sampling", "gaussian_sum_mean", "site_level_dp",
