@@ -36,9 +36,52 @@ def is_batch_loss(fn: LossFn) -> bool:
   return bool(getattr(fn, _BATCH_LOSS_ATTR, False))
 
 
+def fill_padded_rows(x: Any, y: Any, mask: jax.Array) -> tuple[Any, Any]:
+  """Replaces every padded row of a batch by a copy of the batch's first real row.
+
+  Padded rows hold zeros, and a loss may be non-finite there (MSE on log y, a
+  Poisson or Gamma NLL, log x features). Masking such a loss *after* it is
+  computed is not enough: its gradient is 0 * inf = NaN. So padded rows never
+  reach a loss: they are replaced by a real row (finite wherever the data are),
+  and their loss is then masked out as before.
+
+  Args:
+    x: `[B, *feature_shape]` (or a pytree of such arrays); y: `[B, *label_shape]`
+      (or a pytree); mask: `[B]` bool.
+
+  Returns:
+    `(x', y')` with row i equal to row i when mask_i, else to row argmax(mask),
+    the first real row. A batch with no real row is returned unchanged (its
+    value and gradient are zeroed by `masked_mean_loss`).
+  """
+  first_real = jnp.argmax(mask)
+
+  def fill(a):
+    a = jnp.asarray(a)
+    keep = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
+    return jnp.where(keep, a, a[first_real])
+
+  return jax.tree_util.tree_map(fill, x), jax.tree_util.tree_map(fill, y)
+
+
+def _block_gradient_unless(has_rows: jax.Array, params: Any) -> Any:
+  """`params` when the batch has a real row; else the same values with no gradient.
+
+  A batch with no real row (an empty site's whole data) can only hold padding,
+  so its loss may be non-finite; its value is discarded with `jnp.where`, and
+  this select keeps the discarded branch's 0 * inf out of the gradient.
+  """
+  return jax.tree_util.tree_map(
+      lambda p: jnp.where(has_rows, p, jax.lax.stop_gradient(p)), params)
+
+
 def masked_mean_loss(loss_fn: LossFn, params: Any, x: jax.Array, y: jax.Array,
                      mask: jax.Array) -> jax.Array:
   """Mean loss over the real rows of one batch.
+
+  Padded rows never reach `loss_fn` with their fill values: they are replaced
+  by a real row first (`fill_padded_rows`) and masked out after, so the value
+  and the gradient are finite whenever the loss is finite on the real rows.
 
   Args:
     loss_fn: per-example or batch-level loss (see module docstring).
@@ -49,12 +92,15 @@ def masked_mean_loss(loss_fn: LossFn, params: Any, x: jax.Array, y: jax.Array,
     `(1 / m) sum_{i: mask_i} f(params; x_i, y_i)` with m = sum(mask); 0 when
     the batch has no real row (so that its gradient is exactly zero).
   """
+  has_rows = jnp.any(mask)
+  x, y = fill_padded_rows(x, y, mask)
+  params = _block_gradient_unless(has_rows, params)
   if is_batch_loss(loss_fn):
     value = jnp.asarray(loss_fn(params, x, y, mask))
     if value.shape != ():
       raise ValueError(
           f"batch-level loss_fn must return a scalar, got shape {value.shape}")
-    return jnp.where(jnp.any(mask), value, 0.0)
+    return jnp.where(has_rows, value, 0.0)
   losses = jnp.asarray(loss_fn(params, x, y))
   if losses.shape != mask.shape:
     raise ValueError(
@@ -126,7 +172,7 @@ def weighted_objective(loss_fn: LossFn, params: Any, data: FederatedData) -> jax
   return jnp.sum(site_weights(data) * site_objectives(loss_fn, params, data))
 
 
-__all__ = ["batch_loss", "is_batch_loss", "masked_mean_loss", "loss_and_grad",
+__all__ = ["batch_loss", "is_batch_loss", "fill_padded_rows", "masked_mean_loss", "loss_and_grad",
            "GradientEstimator", "mean_gradient",
            "site_objectives",
            "site_weights", "weighted_objective"]
