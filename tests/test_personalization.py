@@ -112,3 +112,58 @@ def test_only_participants_change_personal_state(data, name):
       assert after[k] != before[k]
     else:
       assert after[k] == before[k]
+
+
+def _injected_sgd(lr):
+  return optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
+
+
+@pytest.mark.parametrize("name", ["ditto", "finetune"])
+def test_second_optimizer_keeps_its_own_traced_rate(sites, data, name):
+  """Issue 17 defect 1: with client lr 0.3 and personal / fine-tune lr 0.0 the
+  personal models must not move (they moved by 0.43 / 0.41 before the fix), and
+  a personal / fine-tune rate set on its own is the one that runs (checked
+  against the float64 reference loop `ref_local_sgd`)."""
+  params = init_params()
+  if name == "ditto":
+    algo = fm.algorithms.ditto(bce_loss, lam=0.0, client_optimizer=_injected_sgd(0.3),
+                               personal_optimizer=_injected_sgd(0.0), local_epochs=1,
+                               batch_size=2)
+    state = algo.init(params, 3)
+    prefix = "personal"
+  else:
+    algo = fm.algorithms.fedavg_finetune(bce_loss, client_optimizer=_injected_sgd(0.3),
+                                         finetune_optimizer=_injected_sgd(0.0),
+                                         finetune_steps=3, local_epochs=1, batch_size=2)
+    state = algo.init(params)
+    prefix = "finetune"
+  key = jax.random.PRNGKey(3)
+  start = state.params
+  if name == "ditto":
+    state, _ = algo.round(state, data, key)
+  models = algo.personalize(state, data, key)
+  for k in range(3):  # lr 0: every personal model stays where it started
+    np.testing.assert_array_equal(models["w"][k], start["w"] if name == "ditto"
+                                  else state.params["w"])
+  # The client rate is the client's alone; the second optimizer's is set on its own.
+  state = fm.set_hyperparams(state, client={"learning_rate": 0.7},
+                             **{f"{prefix}_learning_rate": 0.2})
+  np.testing.assert_allclose(state.client_hparams["learning_rate"], 0.7)
+  w, b = to_np(state.params)
+  mask = np.asarray(data.mask)
+  if name == "ditto":
+    v_w = np.asarray(state.client_states["params"]["w"], np.float64)
+    v_b = np.asarray(state.client_states["params"]["b"], np.float64)
+    key = jax.random.PRNGKey(4)
+    state, _ = algo.round(state, data, key)
+    models = algo.personalize(state, data, key)
+    for k, (x, y) in enumerate(sites):
+      ck = jax.random.fold_in(key, k)
+      want = ref_local_sgd(v_w[k], v_b[k], x, y, 0.2, 2, mask[k],
+                           jax.random.fold_in(ck, PERSONAL_STREAM), epochs=1)
+      np.testing.assert_allclose(models["w"][k], want[0], rtol=1e-5, atol=1e-6)
+  else:
+    models = algo.personalize(state, data, key)
+    for k, (x, y) in enumerate(sites):
+      want = ref_local_sgd(w, b, x, y, 0.2, 2, mask[k], jax.random.fold_in(key, k), steps=3)
+      np.testing.assert_allclose(models["w"][k], want[0], rtol=1e-5, atol=1e-6)

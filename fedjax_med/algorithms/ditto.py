@@ -38,10 +38,13 @@ from fedjax_med.core.local import LocalSchedule, client_keys, local_training, ma
 from fedjax_med.core.objective import loss_and_grad
 from fedjax_med.core.options import (check_nonnegative_float, check_optimizer,
                                      check_positive_int, reject_unknown)
-from fedjax_med.core.state import init_client_optimizer, injected_hyperparams
+from fedjax_med.core.state import (init_client_optimizer, injected_hyperparams,
+                                   optimizer_hparams, select_prefixed)
 from fedjax_med.core.tree import tree_l2_norm
 
 PERSONAL_STREAM = np.uint32(2**32 - 4)
+# The personal optimizer's traced hyperparameters are state.hparams["personal_<name>"].
+PERSONAL_PREFIX = "personal"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +77,11 @@ def ditto(loss_fn, *, lam: float, client_optimizer: optax.GradientTransformation
   Args:
     lam: lambda >= 0, the pull of personal models towards the global one.
     personal_optimizer: optimizer of the personal step (default: the client
-      optimizer; it is re-initialised every round, as the global step's).
+      optimizer; it is re-initialised every round, as the global step's). Its
+      injected hyperparameters are its own, traced in `state.hparams` as
+      `personal_<name>` (e.g. `set_hyperparams(state,
+      personal_learning_rate=0.01)`); `set_hyperparams(client=...)` does not
+      change them.
 
   `init(params, num_sites)`; `personalize(state, data, key)` returns v `[K, ...]`.
   """
@@ -101,7 +108,9 @@ def ditto(loss_fn, *, lam: float, client_optimizer: optax.GradientTransformation
     return new_server_state(
         params, config.server_optimizer,
         client_hparams=injected_hyperparams(config.client_optimizer.init(params)),
-        hparams={"lam": lam}, client_states={"params": stack_sites(params, num_sites)},
+        hparams={"lam": lam, **optimizer_hparams(PERSONAL_PREFIX,
+                                                 config.personal_optimizer, params)},
+        client_states={"params": stack_sites(params, num_sites)},
         aggregator_state=config.aggregator.init(params, num_sites))
 
   def personalize(state, data, key):
@@ -123,7 +132,8 @@ def _ditto_round(config: DittoConfig, state, data, key):
     local = local_training(global_grad, config.client_optimizer, config.schedule, w,
                            opt_state, x_k, y_k, mask_k, key_k)
     delta = jax.tree_util.tree_map(jnp.subtract, w, local.params)
-    p_state = init_client_optimizer(config.personal_optimizer, v_k, state.client_hparams)
+    p_state = init_client_optimizer(config.personal_optimizer, v_k,
+                                    select_prefixed(PERSONAL_PREFIX, state.hparams))
     personal = local_training(personal_grad, config.personal_optimizer, config.schedule,
                               v_k, p_state, x_k, y_k, mask_k,
                               jax.random.fold_in(key_k, PERSONAL_STREAM))
@@ -137,7 +147,8 @@ def _ditto_round(config: DittoConfig, state, data, key):
           cohort.weights, config.aggregator, state.aggregator_state, server_key(key),
           cohort.context, config.client_chunk_size))
   params, server_opt_state = apply_server_optimizer(
-      config.server_optimizer, w, state.server_opt_state, delta)
+      config.server_optimizer, w, state.server_opt_state, delta,
+      active=cohort_lib.participated(cohort))
   client_states = {"params": cohort_lib.put_sites(state.client_states["params"], v_new,
                                                   cohort.indices)}
   metrics = {

@@ -27,7 +27,10 @@ from fedjax_med.core.algorithm import FederatedAlgorithm, arrays_only
 from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
 from fedjax_med.core.objective import loss_and_grad
 from fedjax_med.core.options import check_optimizer, check_positive_int, reject_unknown
-from fedjax_med.core.state import init_client_optimizer
+from fedjax_med.core.state import init_client_optimizer, optimizer_hparams, select_prefixed
+
+# The fine-tuning optimizer's traced hyperparameters are state.hparams["finetune_<name>"].
+FINETUNE_PREFIX = "finetune"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +54,11 @@ def fedavg_finetune(loss_fn, *, client_optimizer: optax.GradientTransformation,
 
   Args:
     finetune_steps: local steps of fine-tuning per site after federation.
-    finetune_optimizer: optimizer for fine-tuning (default: client_optimizer,
-      with the client hyperparameters of the state).
+    finetune_optimizer: optimizer for fine-tuning (default: client_optimizer).
+      Its injected hyperparameters are its own, traced in `state.hparams` as
+      `finetune_<name>` (e.g. `set_hyperparams(state,
+      finetune_learning_rate=0.01)`); `set_hyperparams(client=...)` does not
+      change them.
   """
   reject_unknown("fedavg_finetune", unknown_options,
                  COMMON_OPTIONS + ("finetune_steps", "finetune_optimizer"))
@@ -71,20 +77,25 @@ def fedavg_finetune(loss_fn, *, client_optimizer: optax.GradientTransformation,
                              check_positive_int("fedavg_finetune", "finetune_steps",
                                                 finetune_steps), shuffle))
 
+  def init(params, num_sites: int | None = None):
+    state = base.init(params, num_sites)
+    return state._replace(hparams={
+        **state.hparams, **optimizer_hparams(FINETUNE_PREFIX, config.optimizer, params)})
+
   def personalize(state, data, key):
     """Per-site fine-tuned models `[K, ...]` from the global `state.params`."""
-    return _finetune_jit(config, state.params, state.client_hparams, arrays_only(data),
-                         key)
+    return _finetune_jit(config, state.params, select_prefixed(FINETUNE_PREFIX, state.hparams),
+                         arrays_only(data), key)
 
-  return base._replace(personalize=personalize)
+  return base._replace(init=init, personalize=personalize)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _finetune_jit(config: FinetuneConfig, params, client_hparams, data, key):
+def _finetune_jit(config: FinetuneConfig, params, finetune_hparams, data, key):
   grad_fn = loss_and_grad(config.loss_fn)
 
   def site(x_k, y_k, mask_k, key_k):
-    opt_state = init_client_optimizer(config.optimizer, params, client_hparams)
+    opt_state = init_client_optimizer(config.optimizer, params, finetune_hparams)
     return local_training(grad_fn, config.optimizer, config.schedule, params, opt_state,
                           x_k, y_k, mask_k, key_k).params
 

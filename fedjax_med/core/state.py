@@ -97,6 +97,28 @@ def init_client_optimizer(optimizer: optax.GradientTransformation, params: Any,
   return with_injected_hyperparams(optimizer.init(params), client_hparams)
 
 
+def optimizer_hparams(prefix: str, optimizer: optax.GradientTransformation,
+                      params: Any) -> dict:
+  """A second optimizer's injected hyperparameters, named `{prefix}_{name}`.
+
+  For algorithms with more than one client-side optimizer (Ditto's personal
+  step, fine-tuning): each keeps its own traced values in `state.hparams`
+  (e.g. `personal_learning_rate`), settable on their own with
+  `set_hyperparams(state, personal_learning_rate=...)`, independent of the
+  client optimizer's `state.client_hparams`.
+  """
+  return canonical_hparams({f"{prefix}_{name}": value for name, value in
+                            injected_hyperparams(optimizer.init(params)).items()})
+
+
+def select_prefixed(prefix: str, hparams: Mapping[str, Any]) -> dict:
+  """The `{prefix}_{name}` entries of `hparams`, renamed `{name}` (inverse of
+  `optimizer_hparams`)."""
+  start = prefix + "_"
+  return {name[len(start):]: value for name, value in hparams.items()
+          if name.startswith(start)}
+
+
 def canonical_hparams(values: Mapping[str, Any]) -> dict:
   """Float32 arrays (not weak-typed Python floats), so jit sees one signature."""
   return {name: _float32(v) for name, v in values.items()}
@@ -144,4 +166,5 @@ def set_hyperparams(state: ServerState, *, client: Mapping[str, Any] | None = No
 
 
 __all__ = ["ServerState", "injected_hyperparams", "with_injected_hyperparams",
-           "init_client_optimizer", "canonical_hparams", "set_hyperparams"]
+           "init_client_optimizer", "optimizer_hparams", "select_prefixed",
+           "canonical_hparams", "set_hyperparams"]
