@@ -3,9 +3,11 @@
 Within a round the participating sites train one after another: the first
 starts from the global model, each next site starts from the model its
 predecessor produced, and the last site's model is the round's result. The
-order is a random permutation drawn from the round key
-(`fold_in(round_key, ORDER_STREAM)`), one `lax.scan` over sites inside one
-jit. The server step sees Delta = w_start - w_end, so `optax.sgd(1.0)`
+order is random, drawn from the round key (`fold_in(round_key,
+ORDER_STREAM)`) per site id (`visit_order`), so an empty site or a
+permutation of the sites does not change it; one `lax.scan` over sites
+inside one jit. A round in which no visited site holds data leaves the model
+and the server optimizer's state unchanged. The server step sees Delta = w_start - w_end, so `optax.sgd(1.0)`
 keeps the last site's model.
 
 Note on FLamby: its `flamby/strategies/cyclic.py` trains one site per round
@@ -85,12 +87,23 @@ def cyclic(loss_fn, *, client_optimizer: optax.GradientTransformation,
   return make_algorithm("cyclic", _cyclic_round, config, loss_fn, init)
 
 
+def visit_order(order_key: jax.Array, site_ids: jax.Array) -> jax.Array:
+  """`[C]` positions in visiting order: ascending u_k = U(fold_in(order_key, id_k)).
+
+  Each site's draw depends on its id alone, so adding an empty site (a no-op
+  visit) or permuting the sites leaves the order in which the other sites
+  are visited unchanged (ties, probability ~C^2 / 2^24, break by position).
+  """
+  draws = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(order_key, i)))(
+      site_ids.astype(jnp.uint32))
+  return jnp.argsort(draws, stable=True).astype(jnp.int32)
+
+
 def _cyclic_round(config: CyclicConfig, state, data, key):
   w = state.params
   grad_fn = loss_and_grad(config.loss_fn)
   cohort = cohort_lib.select_cohort(config.cohort, data, (), key)
-  size = cohort.data.mask.shape[0]
-  order = jax.random.permutation(jax.random.fold_in(key, ORDER_STREAM), size)
+  order = visit_order(jax.random.fold_in(key, ORDER_STREAM), cohort.data.site_ids)
   keys = client_keys(key, cohort.data.site_ids)
 
   def visit(params, position):
@@ -103,7 +116,8 @@ def _cyclic_round(config: CyclicConfig, state, data, key):
   w_end, (steps, losses) = jax.lax.scan(visit, w, order)
   delta = jax.tree_util.tree_map(jnp.subtract, w, w_end)
   params, server_opt_state = apply_server_optimizer(
-      config.server_optimizer, w, state.server_opt_state, delta)
+      config.server_optimizer, w, state.server_opt_state, delta,
+      active=jnp.any(steps > 0))
   positions = cohort_positions(cohort, data.mask.shape[0])
   num_examples = jnp.sum(cohort.data.mask, axis=1, dtype=jnp.int32)
   # Report per-site values in cohort order (the scan ran in `order`).
@@ -122,4 +136,4 @@ def _cyclic_round(config: CyclicConfig, state, data, key):
                         round=state.round + 1), metrics
 
 
-__all__ = ["cyclic", "CyclicConfig", "ORDER_STREAM"]
+__all__ = ["cyclic", "CyclicConfig", "ORDER_STREAM", "visit_order"]

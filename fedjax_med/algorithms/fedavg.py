@@ -196,7 +196,8 @@ def fedavg_family_round(config: FedAvgConfig, state, data, key):
     delta = jax.tree_util.tree_map(lambda d: tau_eff * d, delta)
     agg_metrics = {**agg_metrics, "tau_eff": tau_eff}
   params, server_opt_state = apply_server_optimizer(
-      config.server_optimizer, state.params, state.server_opt_state, delta)
+      config.server_optimizer, state.params, state.server_opt_state, delta,
+      active=cohort_lib.participated(cohort))
   num_examples = jnp.sum(mask, axis=1, dtype=jnp.int32)
   metrics = {
       "train_loss": jnp.sum(agg.normalized(weights) * losses),

@@ -119,7 +119,8 @@ def _fedper_round(config: FedPerConfig, state, data, key):
       cohort.weights, config.aggregator, state.aggregator_state, server_key(key),
       cohort.context, config.client_chunk_size)
   params, server_opt_state = apply_server_optimizer(
-      config.server_optimizer, w, state.server_opt_state, delta)
+      config.server_optimizer, w, state.server_opt_state, delta,
+      active=cohort_lib.participated(cohort))
   client_states = {"params": cohort_lib.put_sites(state.client_states["params"], own,
                                                   cohort.indices)}
   metrics = {

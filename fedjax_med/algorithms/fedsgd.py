@@ -99,7 +99,8 @@ def _fedsgd_round(config: FedSGDConfig, state, data, key):
       client_gradient, (x, y, mask), weights, config.aggregator, state.aggregator_state,
       server_key(key), cohort.context, config.client_chunk_size)
   params, server_opt_state = apply_server_optimizer(
-      config.server_optimizer, state.params, state.server_opt_state, grad)
+      config.server_optimizer, state.params, state.server_opt_state, grad,
+      active=cohort_lib.participated(cohort))
   metrics = {
       "train_loss": jnp.sum(agg.normalized(weights) * losses),
       "client_train_loss": losses,

@@ -155,7 +155,8 @@ def _scaffold_round(config: ScaffoldConfig, state, data, key):
           cohort.weights, config.aggregator, state.aggregator_state, server_key(key),
           cohort.context, config.client_chunk_size))
   params, server_opt_state = apply_server_optimizer(
-      config.server_optimizer, w, state.server_opt_state, delta)
+      config.server_optimizer, w, state.server_opt_state, delta,
+      active=cohort_lib.participated(cohort))
 
   # c <- c + sum_{k in S} q_k dc_k, each distinct site counted once.
   q = population_weights(jnp.sum(data.mask, axis=1, dtype=jnp.int32),

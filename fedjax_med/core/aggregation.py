@@ -34,10 +34,14 @@ class AggregationContext(NamedTuple):
   positions: `[C]` int32, each update's site position among the K sites.
   num_sites: K (static).
   num_examples: `[C]` int32, n_k of each update's site.
+  update_scale: float32 scalar s by which the round multiplies the aggregate
+    (1 except for the unbiased uniform cohort scheme, `fedjax_med.core.cohort`):
+    the reduction's normalised mean times s is the scheme's estimate.
   """
   positions: jax.Array
   num_sites: int
   num_examples: jax.Array
+  update_scale: Any = 1.0
 
 
 def full_context(num_examples: jax.Array) -> AggregationContext:

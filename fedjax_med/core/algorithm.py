@@ -24,6 +24,7 @@ import optax
 
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.state import ServerState, canonical_hparams
+from fedjax_med.core.tree import tree_select
 
 # Site k's key is fold_in(round_key, k); the server's randomness (aggregation
 # noise, ...) uses fold_in(round_key, SERVER_STREAM), a value no site index takes.
@@ -69,14 +70,23 @@ def server_key(round_key: jax.Array) -> jax.Array:
 
 
 def apply_server_optimizer(optimizer: optax.GradientTransformation, params: Any,
-                           opt_state: Any, pseudo_gradient: Any) -> tuple[Any, Any]:
+                           opt_state: Any, pseudo_gradient: Any,
+                           active: jax.Array | None = None) -> tuple[Any, Any]:
   """w <- w + optax_update(Delta), Delta = aggregated pseudo-gradient.
 
   With optax.sgd(1.0) and Delta = w - sum_k p_k w_k this is FedAvg's
   w <- sum_k p_k w_k; with optax.sgd(lr) and Delta = grad F(w) it is FedSGD.
+
+  `active` (bool scalar): when False (no participant held data), the model
+  and the optimizer state are returned unchanged, so a stateful server
+  optimizer (FedAdam's moments, momentum) takes no step on an empty round.
   """
-  updates, opt_state = optimizer.update(pseudo_gradient, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
+  updates, new_opt_state = optimizer.update(pseudo_gradient, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  if active is None:
+    return new_params, new_opt_state
+  return (tree_select(active, new_params, params),
+          tree_select(active, new_opt_state, opt_state))
 
 
 def required_label_type(loss_fn) -> str | None:

@@ -104,6 +104,9 @@ def aggregate_clients(client_fn: Callable, inputs: tuple, weights: jax.Array,
   sum_k (w_k / sum w) update_k accumulated chunk by chunk (the default
   aggregator's result; `require_linear_aggregator` guards the choice).
 
+  The aggregate is multiplied by `context.update_scale` (the unbiased uniform
+  cohort scheme's K/C correction; 1 otherwise).
+
   Returns:
     (update, aux with a leading C axis, aggregator_state, aggregator metrics)
   """
@@ -111,9 +114,18 @@ def aggregate_clients(client_fn: Callable, inputs: tuple, weights: jax.Array,
     updates, aux = jax.vmap(client_fn)(*inputs)
     update, aggregator_state, metrics = aggregator.aggregate(
         updates, weights, aggregator_state, key, context)
-    return update, aux, aggregator_state, metrics
-  update, aux = map_clients(client_fn, inputs, agg.normalized(weights), chunk_size)
-  return update, aux, aggregator_state, {}
+  else:
+    update, aux = map_clients(client_fn, inputs, agg.normalized(weights), chunk_size)
+    metrics = {}
+  return _scaled(update, context), aux, aggregator_state, metrics
+
+
+def _scaled(update: Any, context: Any) -> Any:
+  """The aggregate times the cohort scheme's `context.update_scale` (1 by default)."""
+  scale = getattr(context, "update_scale", 1.0)
+  if isinstance(scale, (int, float)) and scale == 1.0:
+    return update
+  return jax.tree_util.tree_map(lambda u: u * jnp.asarray(scale, u.dtype), update)
 
 
 def map_sites(fn: Callable, inputs: tuple, chunk_size: int | None) -> Any:

@@ -5,14 +5,39 @@ A round may train only a cohort of C of the K sites. The cohort is drawn from
 client states (`x[idx]`, ...) and vmaps over C, so its cost follows the cohort,
 not K; only participants' client states change.
 
-* `sampling="uniform"`: C distinct sites, uniformly without replacement
-  (McMahan et al. 2017); the cohort's updates are averaged with the usual
-  weights restricted to the cohort (n_k, or 1 for `weighting="uniform"`).
+With p_k = w_k / sum_j w_j the full-participation weights (n_k / n, or 1 / K'
+over the K' non-empty sites for `weighting="uniform"`) and Delta_k the site
+updates, the schemes and what their aggregate estimates:
+
+* `sampling="uniform"` (default): C distinct sites S, uniformly without
+  replacement (McMahan et al. 2017); the aggregate is the mean over the cohort
+  with the weights renormalised over it, sum_{k in S} w_k Delta_k / sum_{k in S} w_k.
+  **Biased** for sum_k p_k Delta_k when the w_k differ: a small site drawn
+  with a large one gets more than its share (exact enumeration over the
+  heart-disease sizes 199/172/30/85 with C = 2: the smallest site's expected
+  coefficient is 0.090 instead of p_3 = 0.062, the largest's 0.351 instead
+  of 0.409). It is unbiased for weighting="uniform" with no empty site.
+* `sampling="uniform_unbiased"`: the same cohort draw, aggregated as Li, Huang,
+  Yang, Wang & Zhang (ICLR 2020, "On the convergence of FedAvg on non-IID
+  data", sampling scheme II): sum_{k in S} p_k (K / C) Delta_k. Each site is
+  in S with probability C / K, so E[aggregate] = sum_k p_k Delta_k exactly.
+  The weights no longer sum to 1 (the round's `update_scale` is
+  (K / C) sum_{k in S} p_k); implemented as the renormalised mean times that
+  scale (`AggregationContext.update_scale`), which is the scheme exactly for
+  the linear (default) aggregator; a non-linear reduction's output is scaled
+  by the same factor.
 * `sampling="num_examples"`: C draws with replacement, site k with
   probability n_k / n, and each draw weighted 1/C (Li et al., FedProx, 2020,
-  sampling scheme I): an unbiased estimate of sum_k (n_k/n) Delta_k. A site
-  drawn twice counts twice (its two copies see the same key, so they agree).
+  sampling scheme I): **unbiased** for sum_k (n_k/n) Delta_k. A site drawn
+  twice counts twice (its two copies see the same key, so they agree).
   Requires `weighting="num_examples"`.
+
+A cohort in which no site holds data aggregates nothing: the round leaves
+the model and the server optimizer's state unchanged (no zero step through a
+stateful server optimizer such as FedAdam).
+
+Tests: tests/test_cohort.py enumerates every cohort exactly (float64) for
+each scheme's expectation.
 """
 
 from __future__ import annotations
@@ -27,7 +52,7 @@ import numpy as np
 from fedjax_med.core import aggregation as agg
 from fedjax_med.core.options import OptionError, check_choice, check_positive_int
 
-SAMPLINGS = ("uniform", "num_examples")
+SAMPLINGS = ("uniform", "uniform_unbiased", "num_examples")
 SAMPLING_STREAM = np.uint32(2**32 - 2)
 
 
@@ -63,7 +88,7 @@ class Cohort(NamedTuple):
 def sample_indices(spec: CohortSpec, num_examples: jax.Array, key: jax.Array) -> jax.Array:
   """[C] site positions for this round."""
   num_sites = num_examples.shape[0]
-  if spec.sampling == "uniform":
+  if spec.sampling in ("uniform", "uniform_unbiased"):
     if spec.size > num_sites:
       raise ValueError(f"cohort_size={spec.size} > number of sites K={num_sites}")
     return jax.random.choice(key, num_sites, (spec.size,), replace=False).astype(jnp.int32)
@@ -98,13 +123,23 @@ def select_cohort(spec: CohortSpec, data: Any, client_states: Any,
   indices = sample_indices(spec, num_examples,
                            jax.random.fold_in(round_key, SAMPLING_STREAM))
   cohort_n = num_examples[indices]
+  scale = 1.0
   if spec.sampling == "num_examples":
     weights = (cohort_n > 0).astype(jnp.float32)
   else:
     weights = agg.client_weights(cohort_n, spec.weighting)
+    if spec.sampling == "uniform_unbiased":
+      # (K / C) sum_{k in S} p_k: the renormalised mean times this is scheme II.
+      total = jnp.sum(agg.client_weights(num_examples, spec.weighting))
+      scale = (num_sites / spec.size) * jnp.sum(weights) / jnp.maximum(total, 1e-30)
   return Cohort(indices, take_sites(data, indices), take_sites(client_states, indices),
-                weights, agg.AggregationContext(indices, num_sites, cohort_n))
+                weights, agg.AggregationContext(indices, num_sites, cohort_n, scale))
+
+
+def participated(cohort: Cohort) -> jax.Array:
+  """bool scalar: some participant holds data (else the round changes nothing)."""
+  return jnp.sum(cohort.weights) > 0
 
 
 __all__ = ["CohortSpec", "Cohort", "SAMPLINGS", "SAMPLING_STREAM", "make_cohort_spec",
-           "sample_indices", "take_sites", "put_sites", "select_cohort"]
+           "sample_indices", "take_sites", "put_sites", "select_cohort", "participated"]
