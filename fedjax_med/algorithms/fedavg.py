@@ -123,7 +123,10 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
     aggregator: aggregation chain (default `weighted_mean()`).
     shuffle: reshuffle each site's rows every pass (False: stored order).
     cohort_size: sites per round (None: all); see `fedjax_med.core.cohort`.
-    sampling: "uniform" or "num_examples" cohort sampling.
+    sampling: cohort sampling (see `fedjax_med.core.cohort`): "uniform"
+      (default; the cohort's weights renormalised over it, biased for
+      sum_k p_k Delta_k when the n_k differ), "uniform_unbiased" (Li et al.
+      2020 scheme II, unbiased) or "num_examples" (scheme I, unbiased).
     gradient_estimator: how a client turns a batch into a gradient (default:
       the mean gradient; e.g. a DP-SGD estimator from `fedjax_med.privacy`).
     downlink: optional `downlink(w, key) -> (w_received, metrics)`, what the
