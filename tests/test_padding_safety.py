@@ -144,3 +144,45 @@ def test_batch_loss_sees_only_real_values():
   gw, gb, _ = _np_log_mse_grad(np.asarray(_params()["w"], np.float64), 0.05, xs, ys)
   np.testing.assert_allclose(grad["w"], gw, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(grad["b"], gb, rtol=1e-5, atol=1e-6)
+
+
+def test_segmentation_patches_of_padded_images_never_reach_the_loss():
+  """with_patches: patches of padded (all-zero) images are padded rows. A per-pixel
+  loss on log intensities (-inf on a zero pixel) must give the same finite round on
+  sites padded with extra images as without them."""
+
+  def log_pixel_bce(params, x, y):  # x [B, p, p, 1] > 0 on real images; y [B, p, p, 1]
+    z = jnp.log(x[..., 0]) * params["w"] + params["b"]
+    return jnp.mean(jnp.logaddexp(0.0, z) - y[..., 0] * z, axis=(1, 2))
+
+  rng = np.random.default_rng(4)
+  sites = [(rng.uniform(0.2, 1.0, size=(2, 8, 8, 1)).astype(np.float32),
+            (rng.uniform(size=(2, 8, 8, 1)) < 0.3).astype(np.float32)) for _ in range(2)]
+  plain = fm.FederatedData.from_sites(sites)
+  padded = plain.pad_to(4)
+  params = {"w": jnp.float32(0.3), "b": jnp.float32(-0.1)}
+  results = []
+  for data in (plain, padded):
+    algo = fm.segmentation.with_patches(
+        fm.algorithms.fedavg(log_pixel_bce, client_optimizer=optax.sgd(0.5), batch_size=3,
+                             local_epochs=1),
+        patches_per_image=2, patch_size=4, valid_channel=None)
+    state, _ = algo.round(algo.init(params), data, jax.random.PRNGKey(0))
+    results.append(state.params)
+  for name in ("w", "b"):
+    assert np.isfinite(results[1][name])
+    np.testing.assert_allclose(results[1][name], results[0][name], rtol=1e-6, atol=1e-7)
+
+
+def test_evaluation_reports_only_real_rows_of_a_model_non_finite_at_zero():
+  sites = _sites(5)
+  data = fm.FederatedData.from_sites(_with_empty_site(sites)).pad_to(11)
+  params = _params()
+  apply_fn = lambda p, x: jnp.log(x) @ p["w"] + p["b"]
+  probs = fm.evaluation.site_probabilities(apply_fn, params, data)
+  w, b = np.asarray(params["w"], np.float64), 0.05
+  want = [1 / (1 + np.exp(-(np.log(x.astype(np.float64)) @ w + b))) for x, _ in sites]
+  want.insert(1, np.zeros(0))
+  assert [len(p) for p in probs] == [len(v) for v in want]
+  for got, ref in zip(probs, want):
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
