@@ -87,3 +87,20 @@ def test_pooled_standardisation():
 def test_unknown_standardize():
   with pytest.raises(ValueError, match="standardize"):
     fm.datasets.heart_disease(standardize="global")
+
+
+def test_federated_standardisation_is_the_pooled_train_statistics():
+  # standardize="federated": the global train mean/std (ddof = 1) from per-site sums,
+  # checked against NumPy float64 on the pooled raw train rows; test rows use them too.
+  train, test = fm.datasets.heart_disease(standardize="federated")
+  raw = hd.load_raw()
+  pooled = np.concatenate([raw[s]["train"][0] for s in hd.SITES])
+  mean, std = pooled.mean(0), pooled.std(0, ddof=1)
+  for k, name in enumerate(hd.SITES):
+    for data, split in ((train, "train"), (test, "test")):
+      want = (raw[name][split][0] - mean) / std
+      # float32 storage: 2^-24 relative on values up to ~7 in magnitude.
+      np.testing.assert_allclose(data.site(k)[0], want, rtol=1e-6, atol=1e-6)
+      np.testing.assert_array_equal(data.site(k)[1], raw[name][split][1])
+  x = train.pooled().site(0)[0].astype(np.float64)
+  np.testing.assert_allclose(x.std(0, ddof=1), 1.0, rtol=1e-6)

@@ -18,6 +18,10 @@ Preprocessing, exactly as FLamby's `fed_heart_disease/dataset.py`:
      train rows, x' = (x - mean) / (std + 1e-9); train and test rows of a
      site use that site's train statistics. `standardize="pooled"` uses the
      statistics of all train rows pooled instead (FLamby's pooled training).
+     `standardize="federated"` computes those same global statistics the way
+     a federation can, from per-site sums (`fedjax_med.data.standardize`,
+     x' = (x - mean) / std, ddof = 1), so that federated and pooled training
+     see the same inputs.
 Rows keep their file order within each split.
 """
 
@@ -30,12 +34,13 @@ import numpy as np
 
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.options import check_choice
+from fedjax_med.data.standardize import federated_standardize
 
 SITES = ("cleveland", "hungarian", "switzerland", "va")
 FEATURE_NAMES = ("age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak",
                  "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2")
 NUM_FEATURES = len(FEATURE_NAMES)
-STANDARDIZE = ("site", "pooled", "none")
+STANDARDIZE = ("site", "pooled", "federated", "none")
 _NUMERIC_COLUMNS = (0, 1, 3, 4, 5, 7, 8, 9)   # age sex trestbps chol fbs thalach exang oldpeak
 _CP, _RESTECG, _NUM = 2, 6, 13
 _DROPPED = (10, 11, 12)                        # slope, ca, thal
@@ -106,9 +111,11 @@ def heart_disease(standardize: str = "site") -> tuple[FederatedData, FederatedDa
   """Fed-Heart-Disease as (train, test) FederatedData, K = 4, 13 features.
 
   Args:
-    standardize: "site" (each site's own train statistics; federated and
-      local training), "pooled" (statistics of all train rows; pooled
-      training) or "none".
+    standardize: "site" (each site's own train statistics; FLamby's protocol
+      for federated and local training), "pooled" (statistics of all train
+      rows; FLamby's pooled training), "federated" (the same global train
+      statistics computed from per-site sums by
+      `fedjax_med.data.standardize.federated_standardize`) or "none".
 
   Returns:
     train, test: `x [4, N_max, 13]` float32, `y [4, N_max]` in {0, 1},
@@ -117,6 +124,13 @@ def heart_disease(standardize: str = "site") -> tuple[FederatedData, FederatedDa
   """
   check_choice("heart_disease", "standardize", standardize, STANDARDIZE)
   raw = load_raw()
+  if standardize == "federated":
+    _, train, test = federated_standardize(
+        [raw[s]["train"][0] for s in SITES], [raw[s]["test"][0] for s in SITES],
+        ddof=1, feature_names=FEATURE_NAMES)
+    return tuple(FederatedData.from_sites(
+        [(x, raw[name][split][1]) for x, name in zip(xs, SITES)], SITES, label_type="binary")
+                 for xs, split in ((train, "train"), (test, "test")))
   if standardize == "pooled":
     pooled = _stats(np.concatenate([raw[s]["train"][0] for s in SITES]))
   splits = {"train": [], "test": []}
