@@ -110,17 +110,19 @@ def test_site_level_accountant_from_dp_fedavg_rounds():
   sigma, rounds = 1.1, 3
   algo = dp_fedavg(bce_loss, clip_norm=0.5, noise_multiplier=sigma, num_sites=4,
                    client_optimizer=optax.sgd(0.1), local_epochs=1, batch_size=4)
-  acct = accounting.SiteLevelAccountant(DELTA)
+  acct = accounting.SiteLevelAccountant(DELTA)  # replace one site: sensitivity 2C
   fm.run_rounds(algo, algo.init(init_params()), data, rounds, jax.random.PRNGKey(0),
                 callback=acct, progress=False)
-  event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), rounds)
-  assert abs(acct.epsilon() - direct(event)) <= 1e-6
+  event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / 2), rounds)
+  assert abs(acct.epsilon() - direct(event, relation=REL.REPLACE_ONE)) <= 1e-6
   assert abs(acct.history[0] - direct(
-      dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), 1))) <= 1e-6
+      dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / 2), 1),
+      relation=REL.REPLACE_ONE)) <= 1e-6
 
 
 def test_site_level_event_poisson_and_fixed_cohorts():
-  q_event = accounting.site_level_event(1.0, 10, sampling_rate=0.5)
+  q_event = accounting.site_level_event(1.0, 10, sampling_rate=0.5,
+                                       neighboring_relation="add_or_remove_one")
   assert q_event == dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.0)), 10)
   assert abs(accounting.epsilon(q_event, DELTA) - direct(q_event)) <= 1e-6
@@ -148,11 +150,27 @@ def test_calibration_hits_the_target():
           dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), steps),
       target, DELTA, dp_accounting.ExplicitBracketInterval(0.05, 500.0), tol=1e-3)
   assert abs(sigma - ref) <= 1e-9
-  # site level with fixed cohorts
+  # site level with fixed cohorts (replace one site), against dp-accounting directly
   s2 = accounting.calibrate_noise_multiplier(4.0, 1e-3, num_steps=20, num_sites=10,
                                              cohort_size=5, tol=1e-3)
-  assert accounting.epsilon(accounting.site_level_event(s2, 20, num_sites=10, cohort_size=5),
-                            1e-3) <= 4.0
+
+  def cohort_eps(s):
+    rel = dp_accounting.NeighboringRelation.REPLACE_ONE
+    g = dp_accounting.GaussianDpEvent(s / 2)
+    a = rdp.RdpAccountant(neighboring_relation=rel).compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(10, 5, g), 20))
+    b = rdp.RdpAccountant(neighboring_relation=rel).compose(dp_accounting.SelfComposedDpEvent(
+        g, 20))
+    return rdp.rdp_privacy_accountant.compute_epsilon(a.orders, np.minimum(a.rdp, b.rdp),
+                                                      1e-3)[0]
+
+  assert cohort_eps(s2) <= 4.0 < cohort_eps(s2 - 2e-3)
+  # every site every round, replace one: Gaussian(sigma / 2)
+  s3 = accounting.calibrate_noise_multiplier(4.0, 1e-3, num_steps=20,
+                                             neighboring_relation="replace_one", tol=1e-3)
+  g3 = lambda s: direct(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(s / 2),
+                                                          20), 1e-3)
+  assert g3(s3) <= 4.0 < g3(s3 - 2e-3)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -178,3 +196,100 @@ def test_bad_inputs_raise_clear_errors():
     accounting.site_level_event(1.0, 3, num_sites=3, cohort_size=5)
   with pytest.raises(ValueError, match="exactly one"):
     accounting.sampling_rates([3, 4])
+
+
+# ----------------------------------------------------------------------------- issue 17
+
+REL = dp_accounting.NeighboringRelation
+
+
+def test_site_level_epsilon_has_one_relation_for_every_cohort_mode():
+  """K = 20 sites, sigma = 1, 50 rounds. Default relation: replace one site's data (K is
+  public: dp_fedavg refuses data with another K). Replacing a site moves the clipped sum by
+  up to 2C, so every mode is accounted with Gaussian(sigma / 2) under REPLACE_ONE:
+  C = K is 50 x Gaussian(0.5); C = 19 is 50 x SampledWithoutReplacement(20, 19,
+  Gaussian(0.5)) (Wang, Balle & Kasiviswanathan 2019), whose RDP bound is combined with the
+  unsampled Gaussian's by taking the smaller at each order (for each cohort the round is a
+  Gaussian of sensitivity 2C; a mixture with equal weights is no worse than its worst
+  component). Sampling fewer sites can then only help: eps(C = 19) <= eps(C = 20). (The
+  old code reported 240 at C = 19 and 57 at C = 20, the latter under add/remove with
+  sigma.)"""
+  k, sigma, rounds, delta = 20, 1.0, 50, 1e-5
+  full = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma / 2), rounds)
+  wor = dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
+      k, k - 1, dp_accounting.GaussianDpEvent(sigma / 2)), rounds)
+  eps = {}
+  for c in (k - 1, k, None):
+    acct = (accounting.SiteLevelAccountant(delta, num_sites=k, cohort_size=c) if c
+            else accounting.SiteLevelAccountant(delta))
+    acct.add_rounds(sigma, rounds)
+    rep = acct.report()
+    assert rep["neighboring_relation"] == "replace_one" and rep["delta"] == delta
+    assert rep["epsilon"] == acct.epsilon()
+    eps[c] = rep["epsilon"]
+  assert abs(eps[k] - direct(full, delta, relation=REL.REPLACE_ONE)) <= 1e-6
+  assert abs(eps[None] - eps[k]) <= 1e-12
+  wor_acc = rdp.RdpAccountant(neighboring_relation=REL.REPLACE_ONE).compose(wor)
+  full_acc = rdp.RdpAccountant(neighboring_relation=REL.REPLACE_ONE).compose(full)
+  np.testing.assert_array_equal(wor_acc.orders, full_acc.orders)
+  ref = rdp.rdp_privacy_accountant.compute_epsilon(
+      wor_acc.orders, np.minimum(wor_acc.rdp, full_acc.rdp), delta)[0]
+  assert abs(eps[k - 1] - ref) <= 1e-6
+  assert eps[k - 1] <= eps[k] + 1e-9
+  # a small cohort is amplified: Wang et al.'s bound wins there
+  small = accounting.site_level_epsilon(sigma, rounds, delta, num_sites=k, cohort_size=4)
+  small_ref = direct(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.SampledWithoutReplacementDpEvent(k, 4, dp_accounting.GaussianDpEvent(
+          sigma / 2)), rounds), delta, relation=REL.REPLACE_ONE)
+  assert abs(small - min(small_ref, eps[k])) <= 1e-6 and small < 0.6 * eps[k]
+  # the same in the one-call form, PLD for C = K (sigma = 4, 5 rounds: PLD is slow at small sigma)
+  full5 = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(4.0 / 2), 5)
+  assert abs(accounting.site_level_epsilon(4.0, 5, delta, accountant="pld")
+             - direct(full5, delta, "pld", REL.REPLACE_ONE)) <= 1e-6
+
+
+def test_site_level_add_or_remove_relation_where_it_is_defined():
+  """add_or_remove_one: every site is Gaussian(sigma), Poisson site sampling is
+  PoissonSampled(q, Gaussian(sigma)); fixed-size cohorts C < K have no add/remove analysis
+  (K would change) and replace_one has no RDP Poisson analysis here: both raise."""
+  sigma, rounds = 1.3, 30
+  acct = accounting.SiteLevelAccountant(DELTA, neighboring_relation="add_or_remove_one")
+  acct.add_rounds(sigma, rounds)
+  assert acct.report()["neighboring_relation"] == "add_or_remove_one"
+  assert abs(acct.epsilon() - direct(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.GaussianDpEvent(sigma), rounds))) <= 1e-6
+  pois = accounting.SiteLevelAccountant(DELTA, sampling_rate=0.3,
+                                        neighboring_relation="add_or_remove_one")
+  pois.add_rounds(sigma, rounds)
+  assert abs(pois.epsilon() - direct(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(0.3, dp_accounting.GaussianDpEvent(sigma)),
+      rounds))) <= 1e-6
+  with pytest.raises(ValueError, match="add_or_remove_one.*fixed-size cohorts"):
+    accounting.site_level_event(sigma, rounds, num_sites=10, cohort_size=5,
+                                neighboring_relation="add_or_remove_one")
+  with pytest.raises(ValueError, match="Poisson site sampling.*add_or_remove_one"):
+    accounting.SiteLevelAccountant(DELTA, sampling_rate=0.3)
+  with pytest.raises(ValueError, match="neighboring_relation"):
+    accounting.SiteLevelAccountant(DELTA, neighboring_relation="swap")
+
+
+def test_patient_level_accountant_checks_n_k_against_the_data():
+  """Built with n = [40, 25] but fed rounds on data with n = [40, 20]: q_k would be wrong."""
+  sites = make_sites([40, 20], seed=5)
+  data = fm.FederatedData.from_sites(sites)
+  algo = dp_sgd_fedavg(bce_loss, max_examples=data.max_examples, clip_norm=1.0,
+                       noise_multiplier=1.0, expected_batch_size=4.0,
+                       client_optimizer=optax.sgd(0.1), local_steps=1)
+  acct = accounting.PatientLevelAccountant([40, 25], DELTA, expected_batch_size=4.0)
+  state = algo.init(init_params())
+  _, metrics = algo.round(state, data, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match=r"site 1 .*n_k = 25.*20 real rows"):
+    acct.observe(state, metrics)
+  with pytest.raises(ValueError, match="3 sites"):
+    accounting.PatientLevelAccountant([40, 20, 5], DELTA, expected_batch_size=4.0).observe(
+        state, {**metrics, "cohort": np.array([0, 3])})
+  with pytest.raises(ValueError, match="num_examples"):
+    accounting.PatientLevelAccountant([40, 20], DELTA, expected_batch_size=4.0).observe(
+        state, {"client_steps": metrics["client_steps"]})
+  ok = accounting.PatientLevelAccountant([40, 20], DELTA, expected_batch_size=4.0)
+  ok.observe(state, metrics)  # consistent: accepted

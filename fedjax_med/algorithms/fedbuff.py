@@ -77,7 +77,8 @@ from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimize
                                        check_num_sites, make_algorithm, new_server_state,
                                        server_key, stack_sites)
 from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
-from fedjax_med.core.objective import GradientEstimator, mean_gradient
+from fedjax_med.core.objective import (GradientEstimator, check_batches_span_site,
+                                       mean_gradient)
 from fedjax_med.core.options import (OptionError, check_choice, check_nonnegative_float,
                                      check_optimizer, check_positive_int, reject_unknown)
 from fedjax_med.core.state import init_client_optimizer, injected_hyperparams
@@ -328,6 +329,8 @@ def _fedbuff_round(config: FedBuffConfig, state, data, key):
   n = jnp.sum(data.mask, axis=1, dtype=jnp.int32)
   active = n > 0
   base_w = agg.client_weights(n, config.weighting)
+  check_batches_span_site(config.gradient, config.schedule.batch_size, data.mask.shape[1],
+                          "fedbuff")
   grad_fn = config.gradient(config.loss_fn, state.hparams)
   exponent = state.hparams["staleness_exponent"]
   jitter = state.hparams["jitter"]

@@ -147,6 +147,52 @@ def mean_gradient() -> GradientEstimator:
 _MEAN_GRADIENT = GradientEstimator(lambda loss_fn, hparams: loss_and_grad(loss_fn), {})
 
 
+# Attribute set on an estimator's `build` and on the grad_fn it returns when the
+# estimator is only correct if every local batch holds all of the site's rows
+# (DP-SGD's Poisson sampling of the whole site, `fedjax_med.privacy.dp_sgd`).
+WHOLE_SITE_ATTR = "_fedjax_med_needs_whole_site"
+
+
+def mark_whole_site(fn):
+  """Marks `fn` (a GradientEstimator.build or a grad_fn) as needing whole-site batches."""
+  setattr(fn, WHOLE_SITE_ATTR, True)
+  return fn
+
+
+def needs_whole_site(estimator_or_fn) -> bool:
+  """True for an estimator (or its build, or the grad_fn it returns) marked whole-site."""
+  fn = getattr(estimator_or_fn, "build", estimator_or_fn)
+  return bool(getattr(fn, WHOLE_SITE_ATTR, False) or
+              getattr(estimator_or_fn, WHOLE_SITE_ATTR, False))
+
+
+def check_batches_span_site(estimator_or_fn, batch_size: int, n_max: int,
+                            name: str = "local training") -> None:
+  """Raises ValueError when a whole-site estimator (DP-SGD) would see partial batches.
+
+  DP-SGD samples each of the site's rows independently with probability q in
+  every step (Poisson sampling), which is what the accountant charges
+  (PoissonSampled(q, Gaussian(sigma)) per step). That holds only if the step's
+  batch is the site's whole padded data, `batch_size >= N_max`; with smaller
+  batches each step would Poisson-sample a slice of the site (a patient is in
+  0 or 1 slice per epoch, not Binomial(T, q)). Every round that takes a
+  gradient estimator calls it on static shapes.
+
+  Args:
+    estimator_or_fn: a GradientEstimator, its build, or a grad_fn.
+    batch_size: the schedule's B.
+    n_max: N_max, the padded rows per site of the data.
+    name: the algorithm, for the message.
+  """
+  if needs_whole_site(estimator_or_fn) and int(batch_size) < int(n_max):
+    raise ValueError(
+        f"{name}: dp_sgd needs every local batch to span the whole site (Poisson sampling"
+        f" of all its rows in each step, the event the accountant charges), but"
+        f" batch_size = {int(batch_size)} < N_max = {int(n_max)}; build with"
+        f" batch_size >= {int(n_max)} (dp_sgd_fedavg does this), or use"
+        f" privacy.dp_sgd_fedavg(max_examples=...)")
+
+
 def site_objectives(loss_fn: LossFn, params: Any, data: FederatedData) -> jax.Array:
   """F_k(w) for every site: `[K]`; an empty site's F_k is 0 (its weight is 0).
 
@@ -173,6 +219,7 @@ def weighted_objective(loss_fn: LossFn, params: Any, data: FederatedData) -> jax
 
 
 __all__ = ["batch_loss", "is_batch_loss", "fill_padded_rows", "masked_mean_loss", "loss_and_grad",
-           "GradientEstimator", "mean_gradient",
+           "GradientEstimator", "mean_gradient", "WHOLE_SITE_ATTR", "mark_whole_site",
+           "needs_whole_site", "check_batches_span_site",
            "site_objectives",
            "site_weights", "weighted_objective"]

@@ -15,6 +15,7 @@
     # Site-level DP (DP-FedAvg): clip each site's update, Gaussian noise on the sum:
     algo = privacy.dp_fedavg(loss_fn, clip_norm=0.5, noise_multiplier=1.0, num_sites=4,
                              client_optimizer=optax.sgd(0.05), local_epochs=1, batch_size=4)
+    acct = privacy.SiteLevelAccountant(delta=1e-5)  # report(): eps, delta, "replace_one"
 
     # Calibration: sigma for a target (epsilon, delta):
     sigma = privacy.calibrate_noise_multiplier(3.0, 1e-5, num_steps=100, sampling_rate=0.1)
@@ -36,11 +37,13 @@ from fedjax_med.privacy import secure_aggregation
 from fedjax_med.privacy import site_level
 from fedjax_med.privacy.accounting import (PatientLevelAccountant, SiteLevelAccountant,
                                            calibrate_noise_multiplier, dp_sgd_event, epsilon,
-                                           sampling_rates, site_level_event)
+                                           sampling_rates, site_level_epsilon,
+                                           site_level_event)
 from fedjax_med.privacy.site_level import (clip_updates, dp_fedavg, gaussian_sum_mean,
                                           poisson_site_sampling, set_aggregator_hparams,
                                           site_level_dp)
-from fedjax_med.privacy.patient_level import dp_sgd, dp_sgd_fedavg, poisson_row_mask
+from fedjax_med.privacy.patient_level import (check_batches_span_site, dp_sgd, dp_sgd_fedavg,
+                                              needs_whole_site, poisson_row_mask)
 from fedjax_med.privacy.homomorphic import (paillier_keypair, paillier_sum,
                                             paillier_weighted_mean)
 from fedjax_med.privacy.secure_aggregation import (TooManyDropouts, secure_sum,
@@ -49,10 +52,11 @@ from fedjax_med.privacy.secure_aggregation import (TooManyDropouts, secure_sum,
 __all__ = [
     "accounting", "patient_level", "site_level", "homomorphic", "secure_aggregation",
     "PatientLevelAccountant", "SiteLevelAccountant", "calibrate_noise_multiplier",
-    "dp_sgd_event", "epsilon", "sampling_rates", "site_level_event",
+    "dp_sgd_event", "epsilon", "sampling_rates", "site_level_epsilon", "site_level_event",
     "clip_updates", "dp_fedavg", "gaussian_sum_mean", "poisson_site_sampling",
     "set_aggregator_hparams", "site_level_dp",
-    "dp_sgd", "dp_sgd_fedavg", "poisson_row_mask",
+    "check_batches_span_site", "dp_sgd", "dp_sgd_fedavg", "needs_whole_site",
+    "poisson_row_mask",
     "paillier_keypair", "paillier_sum", "paillier_weighted_mean",
     "TooManyDropouts", "secure_sum", "secure_weighted_mean",
 ]

@@ -15,16 +15,28 @@ to a `DpEvent` that describes exactly what the code does:
   removing one patient of site k (`ADD_OR_REMOVE_ONE`). Each site has its own
   q_k and T_k, hence its own epsilon_k(delta).
 * site-level DP-FedAvg (`fedjax_med.privacy.site_level`): each round adds
-  N(0, (sigma C)^2 I) to the sum of the clipped site updates. With every site
-  in every round, or Poisson sampling of sites with rate q
-  (`poisson_site_sampling`), a round is `PoissonSampledDpEvent(q,
-  GaussianDpEvent(sigma))` (q = 1: `GaussianDpEvent(sigma)`), neighbours
-  differ by one whole site (add/remove). With the algorithms' fixed-size
-  cohorts (`cohort_size=C` of K, uniformly without replacement) a round is
-  `SampledWithoutReplacementDpEvent(K, C, GaussianDpEvent(sigma / 2))` under
-  `REPLACE_ONE` (Wang, Balle & Kasiviswanathan 2019): replacing one site moves
-  the clipped sum by up to 2C, so the noise multiplier relative to that
-  sensitivity is sigma / 2. Only the RDP accountant supports this event.
+  N(0, (sigma C)^2 I) to the sum of the clipped site updates. Every site-level
+  epsilon is reported with its neighbouring relation, one relation for every
+  participation mode:
+
+  - "replace_one" (default): neighbouring federations differ in the data of
+    one site, K fixed and public (as `dp_fedavg` enforces). Replacing a site
+    moves the clipped sum by up to 2C, so the noise multiplier relative to
+    that sensitivity is sigma / 2: every site every round (or a cohort of
+    C = K) is `GaussianDpEvent(sigma / 2)`; fixed-size cohorts of C < K drawn
+    uniformly without replacement are `SampledWithoutReplacementDpEvent(K, C,
+    GaussianDpEvent(sigma / 2))` (Wang, Balle & Kasiviswanathan 2019, RDP
+    only). Poisson site sampling has no replace-one analysis here: it raises.
+  - "add_or_remove_one": neighbours differ by one whole site; the sum moves by
+    up to C. Every site every round is `GaussianDpEvent(sigma)`, Poisson site
+    sampling with rate q (`poisson_site_sampling`) is
+    `PoissonSampledDpEvent(q, GaussianDpEvent(sigma))` (RDP or PLD).
+    Fixed-size cohorts (C < K) have no add/remove analysis (K would change):
+    they raise.
+
+  Under "replace_one" sampling fewer sites can only lower epsilon
+  (eps(C < K) <= eps(C = K)); the two relations are not comparable numbers
+  (replace one = remove one then add one: roughly twice the add/remove eps).
 
 Accountants: "rdp" (`dp_accounting.rdp.RdpAccountant`, Mironov 2017; fast)
 and "pld" (`dp_accounting.pld.PLDAccountant`, privacy loss distributions,
@@ -55,6 +67,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 ACCOUNTANTS = ("rdp", "pld")
+REPLACE_ONE = "replace_one"
+ADD_OR_REMOVE_ONE = "add_or_remove_one"
+RELATIONS = (REPLACE_ONE, ADD_OR_REMOVE_ONE)
 
 
 def _dpa():
@@ -129,6 +144,21 @@ def _check_count(name: str, field: str, value: Any, minimum: int = 0) -> int:
   return int(value)
 
 
+def check_relation(name: str, relation: Any) -> str:
+  """"replace_one" or "add_or_remove_one" (the neighbouring relation's name)."""
+  if relation not in RELATIONS:
+    raise ValueError(f"{name}: unknown neighboring_relation {relation!r}; expected one of"
+                     f" {RELATIONS}")
+  return relation
+
+
+def relation_enum(relation: str):
+  """The `dp_accounting.NeighboringRelation` of a relation name."""
+  rel = _dpa().NeighboringRelation
+  return rel.REPLACE_ONE if check_relation("relation_enum", relation) == REPLACE_ONE \
+      else rel.ADD_OR_REMOVE_ONE
+
+
 def _check_accountant(name: str, accountant: str) -> str:
   if accountant not in ACCOUNTANTS:
     raise ValueError(f"{name}: unknown accountant {accountant!r}; expected one of {ACCOUNTANTS}")
@@ -166,42 +196,139 @@ def dp_sgd_event(noise_multiplier: float, sampling_rate: float, num_steps: int):
 
 
 def site_level_event(noise_multiplier: float, num_rounds: int, *, sampling_rate: float = 1.0,
-                     num_sites: int | None = None, cohort_size: int | None = None):
-  """The DpEvent of `num_rounds` rounds of DP-FedAvg (site-level DP).
+                     num_sites: int | None = None, cohort_size: int | None = None,
+                     neighboring_relation: str = REPLACE_ONE):
+  """The DpEvent of `num_rounds` rounds of DP-FedAvg (site-level DP) under a relation.
 
   Args:
     noise_multiplier: sigma; the sum of clipped updates gets N(0, (sigma C)^2 I).
     num_rounds: rounds run.
     sampling_rate: Poisson rate q of `poisson_site_sampling` (1: every site,
-      every round).
-    num_sites, cohort_size: instead of Poisson sampling, the algorithms'
-      fixed-size cohort of C sites out of K drawn without replacement; the
-      event is then `SampledWithoutReplacementDpEvent(K, C, Gaussian(sigma/2))`
-      under REPLACE_ONE (see module docstring; RDP accountant only).
+      every round); q < 1 needs neighboring_relation="add_or_remove_one".
+    num_sites, cohort_size: the algorithms' fixed-size cohort of C sites out
+      of K drawn without replacement (C = K: every site).
+    neighboring_relation: "replace_one" (default; sensitivity 2C, events on
+      Gaussian(sigma / 2)) or "add_or_remove_one" (sensitivity C, events on
+      Gaussian(sigma)); see the module docstring. Account the event with the
+      same relation (`epsilon(..., neighboring_relation=...)`,
+      `site_level_epsilon`, `SiteLevelAccountant`).
+
+  Raises:
+    ValueError for a mode the relation has no analysis of (Poisson sampling
+    under replace_one; cohorts C < K under add_or_remove_one).
   """
   dpa = _dpa()
-  rounds = _check_count("site_level_event", "num_rounds", num_rounds)
-  sigma = check_noise_multiplier("site_level_event", noise_multiplier)
+  name = "site_level_event"
+  rounds = _check_count(name, "num_rounds", num_rounds)
+  sigma = check_noise_multiplier(name, noise_multiplier)
+  q = check_rate(name, "sampling_rate", sampling_rate)
+  relation = check_relation(name, neighboring_relation)
+  if (cohort_size is None) != (num_sites is None):
+    raise ValueError(f"{name}: give both num_sites and cohort_size (fixed-size"
+                     " cohorts) or neither (Poisson sampling with sampling_rate)")
+  k = c = None
+  if cohort_size is not None:
+    k = _check_count(name, "num_sites", num_sites, 1)
+    c = _check_count(name, "cohort_size", cohort_size, 1)
+    if c > k:
+      raise ValueError(f"{name}: cohort_size={c} > num_sites={k}")
+    if q != 1.0:
+      raise ValueError(f"{name}: fixed-size cohorts and Poisson sampling_rate cannot be"
+                       " combined")
+  subsampled = c is not None and c < k
+  if relation == REPLACE_ONE and q < 1.0:
+    raise ValueError(
+        f"{name}: Poisson site sampling (sampling_rate={q} < 1) is accounted under"
+        " neighboring_relation='add_or_remove_one' only (dp-accounting's RDP has no"
+        " replace-one analysis of Poisson sampling); pass it explicitly")
+  if relation == ADD_OR_REMOVE_ONE and subsampled:
+    raise ValueError(
+        f"{name}: neighboring_relation='add_or_remove_one' has no analysis for fixed-size"
+        f" cohorts (C = {c} of K = {k} without replacement: adding a site changes K);"
+        " use neighboring_relation='replace_one'")
   if rounds == 0:
     return dpa.NoOpDpEvent()
-  if cohort_size is None and num_sites is None:
-    return dpa.SelfComposedDpEvent(gaussian_step_event(sigma, sampling_rate), rounds)
-  if cohort_size is None or num_sites is None:
-    raise ValueError("site_level_event: give both num_sites and cohort_size (fixed-size"
-                     " cohorts) or neither (Poisson sampling with sampling_rate)")
-  k = _check_count("site_level_event", "num_sites", num_sites, 1)
-  c = _check_count("site_level_event", "cohort_size", cohort_size, 1)
-  if c > k:
-    raise ValueError(f"site_level_event: cohort_size={c} > num_sites={k}")
-  if sampling_rate != 1.0:
-    raise ValueError("site_level_event: fixed-size cohorts and Poisson sampling_rate"
-                     " cannot be combined")
   if sigma == 0.0:
     return dpa.SelfComposedDpEvent(dpa.NonPrivateDpEvent(), rounds)
-  if c == k:
-    return dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(sigma), rounds)
-  return dpa.SelfComposedDpEvent(
-      dpa.SampledWithoutReplacementDpEvent(k, c, dpa.GaussianDpEvent(sigma / 2.0)), rounds)
+  if relation == ADD_OR_REMOVE_ONE:
+    return dpa.SelfComposedDpEvent(gaussian_step_event(sigma, q), rounds)
+  gaussian = dpa.GaussianDpEvent(sigma / 2.0)
+  if subsampled:
+    return dpa.SelfComposedDpEvent(dpa.SampledWithoutReplacementDpEvent(k, c, gaussian),
+                                   rounds)
+  return dpa.SelfComposedDpEvent(gaussian, rounds)
+
+
+def _cohort_rdp_curve(num_sites: int, cohort_size: int,
+                      noise_multiplier: float) -> tuple[np.ndarray, np.ndarray]:
+  """(orders, per-round RDP) of a cohort of C < K under replace_one.
+
+  The pointwise minimum over orders of RdpAccountant(REPLACE_ONE)'s curves of
+  SampledWithoutReplacement(K, C, Gaussian(sigma / 2)) and of
+  Gaussian(sigma / 2): both bound the round's Renyi divergence, the second
+  because for each cohort the mechanism is a Gaussian of sensitivity 2C and
+  the Renyi divergence of two mixtures with the same weights is at most the
+  largest over the components (joint quasi-convexity). Wang et al.'s bound
+  alone exceeds the unsampled Gaussian for C close to K (e.g. 240 vs 166 at
+  K = 20, C = 19, sigma = 1, 50 rounds, delta 1e-5), which would make a
+  smaller cohort cost more privacy than every site.
+  """
+  return _cohort_rdp_curve_cached(int(num_sites), int(cohort_size), float(noise_multiplier))
+
+
+@functools.lru_cache(maxsize=64)
+def _cohort_rdp_curve_cached(k: int, c: int, sigma: float):
+  dpa = _dpa()
+  rel = dpa.NeighboringRelation.REPLACE_ONE
+  gaussian = dpa.GaussianDpEvent(sigma / 2.0)
+  wor = dpa.rdp.RdpAccountant(neighboring_relation=rel).compose(
+      dpa.SampledWithoutReplacementDpEvent(k, c, gaussian))
+  full = dpa.rdp.RdpAccountant(neighboring_relation=rel).compose(gaussian)
+  return wor.orders, np.minimum(wor.rdp, full.rdp)
+
+
+def _cohort_epsilon(rounds_by_sigma: dict, num_sites: int, cohort_size: int,
+                    delta: float) -> float:
+  """epsilon of sum over sigma of R_sigma cohort rounds (`_cohort_rdp_curve`), RDP."""
+  dpa = _dpa()
+  total, orders = None, None
+  for sigma, rounds in rounds_by_sigma.items():
+    if rounds == 0:
+      continue
+    if sigma == 0.0:
+      return math.inf
+    orders, curve = _cohort_rdp_curve(num_sites, cohort_size, sigma)
+    total = rounds * curve if total is None else total + rounds * curve
+  if total is None:
+    return 0.0
+  return float(dpa.rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
+
+
+def _is_cohort(num_sites, cohort_size, relation) -> bool:
+  return (relation == REPLACE_ONE and cohort_size is not None and num_sites is not None
+          and int(cohort_size) < int(num_sites))
+
+
+def site_level_epsilon(noise_multiplier: float, num_rounds: int, delta: float, *,
+                       sampling_rate: float = 1.0, num_sites: int | None = None,
+                       cohort_size: int | None = None,
+                       neighboring_relation: str = REPLACE_ONE,
+                       accountant: str = "rdp") -> float:
+  """epsilon(delta) of `site_level_event(...)` under its own neighbouring relation.
+
+  Cohorts C < K (replace_one, RDP only) compose `_cohort_rdp_curve`, the
+  tighter of the subsampled and the unsampled Gaussian's RDP at each order.
+  """
+  event = site_level_event(noise_multiplier, num_rounds, sampling_rate=sampling_rate,
+                           num_sites=num_sites, cohort_size=cohort_size,
+                           neighboring_relation=neighboring_relation)
+  if _is_cohort(num_sites, cohort_size, neighboring_relation):
+    _check_accountant("site_level_epsilon", accountant)
+    if accountant != "rdp":
+      raise ValueError("site_level_epsilon: fixed-size cohorts (C < K) need accountant='rdp'")
+    return _cohort_epsilon({float(noise_multiplier): int(num_rounds)}, num_sites,
+                           cohort_size, check_delta("site_level_epsilon", delta))
+  return epsilon(event, delta, accountant, neighboring_relation=neighboring_relation)
 
 
 def neighboring_relation_for(event):
@@ -238,17 +365,24 @@ def make_accountant(accountant: str = "rdp", neighboring_relation=None,
 
 
 def epsilon(event, delta: float, accountant: str = "rdp",
-            pld_discretization: float = 1e-4) -> float:
+            pld_discretization: float = 1e-4, neighboring_relation: str | None = None) -> float:
   """epsilon(delta) of `event` from a fresh dp-accounting accountant.
 
-  Returns inf for a non-private event (sigma = 0), 0 for a no-op.
+  `neighboring_relation` ("replace_one" or "add_or_remove_one") is the
+  relation the event was built for; None infers it from the event
+  (`neighboring_relation_for`: replace_one only for sampling without
+  replacement). Site-level events carry sigma / 2 under replace_one: pass the
+  relation (or use `site_level_epsilon`). Returns inf for a non-private event
+  (sigma = 0), 0 for a no-op.
   """
   dpa = _dpa()
   delta = check_delta("epsilon", delta)
   _check_accountant("epsilon", accountant)
   if isinstance(event, dpa.NoOpDpEvent):
     return 0.0
-  acc = make_accountant(accountant, neighboring_relation_for(event), pld_discretization)
+  rel = (neighboring_relation_for(event) if neighboring_relation is None
+         else relation_enum(check_relation("epsilon", neighboring_relation)))
+  acc = make_accountant(accountant, rel, pld_discretization)
   if not acc.supports(event):
     raise ValueError(f"epsilon: the {accountant!r} accountant does not support {event}"
                      " (sampling without replacement needs accountant='rdp')")
@@ -260,15 +394,17 @@ def epsilon(event, delta: float, accountant: str = "rdp",
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, *, num_steps: int,
                                sampling_rate: float = 1.0, num_sites: int | None = None,
                                cohort_size: int | None = None, accountant: str = "rdp",
+                               neighboring_relation: str | None = None,
                                min_noise_multiplier: float = 0.05,
                                max_noise_multiplier: float = 500.0,
                                tol: float = 1e-4) -> float:
   """The smallest noise multiplier sigma with epsilon(delta) <= target_epsilon.
 
   Uses `dp_accounting.calibrate_dp_mechanism` (Brent's method) on the event
-  `num_steps` x PoissonSampled(q, Gaussian(sigma)) (DP-SGD steps, or
-  DP-FedAvg rounds), or, with `num_sites` and `cohort_size`, fixed-size
-  cohorts (see `site_level_event`).
+  `num_steps` x PoissonSampled(q, Gaussian(sigma)) under add/remove-one
+  (DP-SGD steps), or, with `neighboring_relation` or `num_sites` and
+  `cohort_size`, DP-FedAvg rounds: `site_level_event(sigma, num_steps, ...)`
+  under that relation (default "replace_one", as `SiteLevelAccountant`).
 
   Args:
     target_epsilon: > 0.
@@ -277,6 +413,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, *, num_steps
     sampling_rate: Poisson sampling probability q in (0, 1].
     num_sites, cohort_size: fixed-size cohort sampling instead of Poisson.
     accountant: "rdp" (default) or "pld" (tighter, much slower).
+    neighboring_relation: site level: "replace_one" or "add_or_remove_one".
     min_noise_multiplier, max_noise_multiplier: the bracket searched.
     tol: tolerance on sigma.
 
@@ -303,22 +440,34 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, *, num_steps
     raise ValueError(f"{name}: need 0 < min_noise_multiplier < max_noise_multiplier, got"
                      f" {lo}, {hi}")
 
+  site_level = not (num_sites is None and cohort_size is None and neighboring_relation is None)
+  relation = check_relation(name, neighboring_relation or REPLACE_ONE) if site_level \
+      else ADD_OR_REMOVE_ONE
+
   def make_event(sigma):
-    if num_sites is None and cohort_size is None:
+    if not site_level:
       return dpa.SelfComposedDpEvent(gaussian_step_event(sigma, q), steps)
-    return site_level_event(sigma, steps, num_sites=num_sites, cohort_size=cohort_size)
+    return site_level_event(sigma, steps, sampling_rate=q, num_sites=num_sites,
+                            cohort_size=cohort_size, neighboring_relation=relation)
 
   def fresh():
-    return make_accountant(accountant, neighboring_relation_for(make_event(hi)))
+    return make_accountant(accountant, relation_enum(relation))
 
-  eps_hi = epsilon(make_event(hi), delta, accountant)
+  make_event(hi)  # raises for a mode the relation has no analysis of
+
+  if site_level and _is_cohort(num_sites, cohort_size, relation):
+    return _bisect_sigma(
+        lambda sigma: site_level_epsilon(sigma, steps, delta, num_sites=num_sites,
+                                         cohort_size=cohort_size, accountant=accountant),
+        eps, lo, hi, tol, name, f"{steps} rounds with cohorts of {cohort_size} of {num_sites}")
+  eps_hi = epsilon(make_event(hi), delta, accountant, neighboring_relation=relation)
   if eps_hi > eps:
     raise ValueError(
         f"{name}: target epsilon {eps} at delta {delta} is unreachable: even noise"
         f" multiplier {hi} gives epsilon {eps_hi:.4g} over {steps} steps with sampling"
         f" rate {q}; raise max_noise_multiplier, the sampling rate's denominator"
         " (more rows / sites), or lower the number of steps")
-  eps_lo = epsilon(make_event(lo), delta, accountant)
+  eps_lo = epsilon(make_event(lo), delta, accountant, neighboring_relation=relation)
   if eps_lo <= eps:
     return lo
   sigma = dpa.calibrate_dp_mechanism(
@@ -327,6 +476,26 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, *, num_steps
   # calibrate_dp_mechanism guarantees epsilon(sigma) <= target (it falls back to a
   # bisection that keeps the non-positive side when Brent's root overshoots).
   return float(sigma)
+
+
+def _bisect_sigma(eps_of, target: float, lo: float, hi: float, tol: float, name: str,
+                  what: str) -> float:
+  """Smallest sigma in [lo, hi] (within tol) with eps_of(sigma) <= target (bisection;
+  eps_of decreasing), keeping the side that meets the target."""
+  eps_hi = eps_of(hi)
+  if eps_hi > target:
+    raise ValueError(f"{name}: target epsilon {target} is unreachable: even noise multiplier"
+                     f" {hi} gives epsilon {eps_hi:.4g} over {what}; raise"
+                     " max_noise_multiplier or lower the number of rounds")
+  if eps_of(lo) <= target:
+    return lo
+  while hi - lo > tol:
+    mid = 0.5 * (lo + hi)
+    if eps_of(mid) <= target:
+      hi = mid
+    else:
+      lo = mid
+  return float(hi)
 
 
 # ----------------------------------------------------------------------------- ledgers
@@ -403,6 +572,7 @@ class PatientLevelAccountant:
     # per site: {(sigma, q): steps}
     self._steps: list[dict[tuple[float, float], int]] = [dict() for _ in range(k)]
     self.history: list[np.ndarray] = []
+    self.neighboring_relation = ADD_OR_REMOVE_ONE  # one patient of site k
 
   def add_steps(self, site: int, noise_multiplier: float, steps: int,
                 sampling_rate: float | None = None) -> None:
@@ -413,10 +583,32 @@ class PatientLevelAccountant:
     key = (float(noise_multiplier), q)
     self._steps[site][key] = self._steps[site].get(key, 0) + int(steps)
 
+  def check_num_examples(self, cohort: np.ndarray, num_examples: np.ndarray) -> None:
+    """Raises ValueError unless the round's n_k equal the accountant's (q_k = b / n_k)."""
+    k = self.num_examples.shape[0]
+    bad = [int(p) for p in cohort if not 0 <= int(p) < k]
+    if bad:
+      raise ValueError(f"PatientLevelAccountant: built for {k} sites (num_examples has"
+                       f" {k} entries) but the round trained site positions {bad}")
+    for pos, n in zip(cohort, num_examples):
+      if int(n) != int(self.num_examples[int(pos)]):
+        raise ValueError(
+            f"PatientLevelAccountant: site {int(pos)} ({self.site_names[int(pos)]}) was"
+            f" given n_k = {int(self.num_examples[int(pos)])} but the round's data has"
+            f" {int(n)} real rows; its sampling rate q_k and epsilon would be wrong. Build"
+            f" the accountant with the num_examples of the data the algorithm trains on")
+
   def observe(self, state, metrics: dict) -> np.ndarray:
-    """Records one round from its metrics (client_steps, cohort) and the state's
-    noise multiplier (and expected batch size / sampling rate if traced);
-    returns epsilon_k for every site `[K]`."""
+    """Records one round from its metrics (client_steps, cohort, num_examples)
+    and the state's noise multiplier (and expected batch size / sampling rate
+    if traced); returns epsilon_k for every site `[K]`.
+
+    Raises ValueError when the round's n_k (metrics["num_examples"], the real
+    rows of each trained site) differ from the accountant's."""
+    if "num_examples" not in metrics:
+      raise ValueError("PatientLevelAccountant: the round metrics lack 'num_examples'"
+                       " (n_k of the trained sites), needed to check the accountant's n_k"
+                       " against the data")
     hparams = getattr(state, "hparams", state)
     sigma = float(np.asarray(hparams["noise_multiplier"]))
     rates = self.rates
@@ -428,6 +620,7 @@ class PatientLevelAccountant:
                              sampling_rate=float(np.asarray(hparams["sampling_rate"])))
     steps = np.asarray(metrics["client_steps"]).reshape(-1)
     cohort = np.asarray(metrics.get("cohort", np.arange(steps.shape[0]))).reshape(-1)
+    self.check_num_examples(cohort, np.asarray(metrics["num_examples"]).reshape(-1))
     for pos, s in zip(cohort, steps):
       self.add_steps(int(pos), sigma, int(s), float(rates[int(pos)]))
     eps = self.epsilons()
@@ -470,25 +663,36 @@ class PatientLevelAccountant:
 
 
 class SiteLevelAccountant:
-  """epsilon(delta) of site-level DP-FedAvg after every round.
+  """epsilon(delta) of site-level DP-FedAvg after every round, with its relation.
 
   Every site gets the same guarantee (the mechanism treats sites alike).
   Args: delta; sampling_rate q of Poisson site sampling (1 = every site
-  every round) or num_sites + cohort_size for fixed-size cohorts; accountant.
-  The noise multiplier of each round is read from the metrics
+  every round) or num_sites + cohort_size for fixed-size cohorts; accountant;
+  neighboring_relation: "replace_one" (default, every mode but Poisson
+  sampling) or "add_or_remove_one" (every mode but cohorts C < K); see
+  `site_level_event`. `report()` returns the epsilon with its delta and
+  relation. The noise multiplier of each round is read from the metrics
   ("dp_noise_multiplier", reported by `gaussian_sum_mean`) or given to
   `add_rounds`.
   """
 
   def __init__(self, delta: float, *, sampling_rate: float = 1.0,
                num_sites: int | None = None, cohort_size: int | None = None,
-               accountant: str = "rdp"):
-    self.delta = check_delta("SiteLevelAccountant", delta)
-    self.sampling_rate = check_rate("SiteLevelAccountant", "sampling_rate", sampling_rate)
+               accountant: str = "rdp", neighboring_relation: str = REPLACE_ONE):
+    name = "SiteLevelAccountant"
+    self.delta = check_delta(name, delta)
+    self.sampling_rate = check_rate(name, "sampling_rate", sampling_rate)
     self.num_sites, self.cohort_size = num_sites, cohort_size
-    self.accountant = _check_accountant("SiteLevelAccountant", accountant)
+    self.accountant = _check_accountant(name, accountant)
+    self.neighboring_relation = check_relation(name, neighboring_relation)
+    self._event_for(1.0, 1)  # raises now for a mode the relation has no analysis of
     self._rounds: dict[float, int] = {}
     self.history: list[float] = []
+
+  def _event_for(self, sigma: float, rounds: int):
+    return site_level_event(sigma, rounds, sampling_rate=self.sampling_rate,
+                            num_sites=self.num_sites, cohort_size=self.cohort_size,
+                            neighboring_relation=self.neighboring_relation)
 
   def add_rounds(self, noise_multiplier: float, rounds: int = 1) -> None:
     sigma = check_noise_multiplier("SiteLevelAccountant", noise_multiplier)
@@ -507,15 +711,26 @@ class SiteLevelAccountant:
 
   def event(self):
     dpa = _dpa()
-    parts = [site_level_event(sigma, rounds, sampling_rate=self.sampling_rate,
-                              num_sites=self.num_sites, cohort_size=self.cohort_size)
-             for sigma, rounds in self._rounds.items()]
+    parts = [self._event_for(sigma, rounds) for sigma, rounds in self._rounds.items()]
     if not parts:
       return dpa.NoOpDpEvent()
     return parts[0] if len(parts) == 1 else dpa.ComposedDpEvent(parts)
 
   def epsilon(self) -> float:
-    return epsilon(self.event(), self.delta, self.accountant)
+    """epsilon(delta) under `neighboring_relation` (cohorts C < K: `site_level_epsilon`)."""
+    if _is_cohort(self.num_sites, self.cohort_size, self.neighboring_relation):
+      if self.accountant != "rdp":
+        raise ValueError("SiteLevelAccountant: fixed-size cohorts (C < K) need"
+                         " accountant='rdp'")
+      return _cohort_epsilon(self._rounds, self.num_sites, self.cohort_size, self.delta)
+    return epsilon(self.event(), self.delta, self.accountant,
+                   neighboring_relation=self.neighboring_relation)
+
+  def report(self) -> dict:
+    """{"epsilon", "delta", "neighboring_relation", "accountant"}."""
+    return {"epsilon": self.epsilon(), "delta": self.delta,
+            "neighboring_relation": self.neighboring_relation,
+            "accountant": self.accountant}
 
 
 def epsilon_curve(events: Iterable, delta: float, accountant: str = "rdp") -> np.ndarray:
@@ -523,7 +738,9 @@ def epsilon_curve(events: Iterable, delta: float, accountant: str = "rdp") -> np
   return np.array([epsilon(e, delta, accountant) for e in events])
 
 
-__all__ = ["ACCOUNTANTS", "check_delta", "check_clip_norm", "check_noise_multiplier",
+__all__ = ["ACCOUNTANTS", "RELATIONS", "REPLACE_ONE", "ADD_OR_REMOVE_ONE", "check_relation",
+           "relation_enum", "site_level_epsilon", "check_delta", "check_clip_norm",
+           "check_noise_multiplier",
            "check_rate", "gaussian_step_event", "dp_sgd_event", "site_level_event",
            "neighboring_relation_for", "make_accountant", "epsilon",
            "calibrate_noise_multiplier", "sampling_rates", "PatientLevelAccountant",

@@ -11,8 +11,13 @@ plaintexts, and only the *total* is decrypted by the private-key holder:
 Library: python-paillier (`phe`), an optional extra: `pip install
 'fedjax_med[he]'`. It is imported lazily; without it these functions raise an
 ImportError saying how to install it. Paillier's plaintext space is Z_n
-(n of `key_bits` = 2048 bits by default), so sums never wrap; the only error
-is quantisation, at most K / (2 s) per coordinate (s = `scale`, default 2^24).
+(n of `key_bits` = 2048 bits by default). Encoding is exact rational
+arithmetic in Python integers (round(v s), ties to even, no int64 cast), and
+`paillier_sum` refuses (ValueError) inputs whose K encoded values could sum
+beyond phe's signed range |m| <= max_int ~ n / 3, where the decrypted sum
+would wrap mod n. The error is then quantisation, at most K / (2 s) per
+coordinate (s = `scale`, default 2^24), plus 2^-53 |sum| for the float64
+result (decoding is exact: the integer sum / s correctly rounded).
 
 What runs where: everything here is Python big-integer arithmetic on the host,
 outside jit. `paillier_weighted_mean` makes it usable as the reducer of a
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -69,10 +75,38 @@ def _check_scale(scale) -> float:
   return s
 
 
+def encode_update(values: np.ndarray, scale: float) -> list[int]:
+  """round(v * s) for every value, exactly (Python integers, ties to even).
+
+  Never wraps: the product is taken in rational arithmetic and the result is
+  an unbounded Python integer. Raises ValueError for non-finite values.
+  """
+  values = np.asarray(values, np.float64)
+  if not np.all(np.isfinite(values)):
+    bad = np.flatnonzero(~np.isfinite(values.ravel())).tolist()
+    raise ValueError(f"paillier: cannot encode non-finite values (flat positions {bad})")
+  s = Fraction(float(scale))
+  return [round(Fraction(float(v)) * s) for v in values.ravel()]
+
+
+def decode_total(ints, scale: float) -> np.ndarray:
+  """float64 of m / s for every integer m, correctly rounded (exact division)."""
+  s = Fraction(float(scale))
+  return np.array([float(Fraction(int(m)) / s) for m in ints], np.float64)
+
+
 def encrypt_update(public_key, values: np.ndarray, scale: float) -> list:
-  """Site side: [Enc(round(v * s)) for v in values] (one ciphertext per coordinate)."""
-  ints = np.rint(np.asarray(values, np.float64) * scale).astype(np.int64)
-  return [public_key.encrypt(int(v)) for v in ints]
+  """Site side: [Enc(round(v * s)) for v in values] (one ciphertext per coordinate).
+
+  Raises ValueError if a value's encoding exceeds the key's plaintext range.
+  """
+  ints = encode_update(values, scale)
+  too_big = [i for i, m in enumerate(ints) if abs(m) > public_key.max_int]
+  if too_big:
+    raise ValueError(f"paillier: values at {too_big} times scale {scale} exceed the"
+                     f" plaintext space of the key (|round(v s)| <= max_int ~ n / 3);"
+                     " use a longer key or a smaller scale")
+  return [public_key.encrypt(m) for m in ints]
 
 
 def add_ciphertexts(encrypted_updates: list[list]) -> list:
@@ -84,8 +118,8 @@ def add_ciphertexts(encrypted_updates: list[list]) -> list:
 
 
 def decrypt_total(private_key, encrypted_total: list, scale: float) -> np.ndarray:
-  """Key holder: Dec(C_d) / s, float64 `[D]`."""
-  return np.array([private_key.decrypt(c) for c in encrypted_total], np.float64) / scale
+  """Key holder: Dec(C_d) / s, float64 `[D]` (exact integer, correctly rounded quotient)."""
+  return decode_total([private_key.decrypt(c) for c in encrypted_total], scale)
 
 
 @dataclasses.dataclass
@@ -113,6 +147,13 @@ def paillier_sum(updates: np.ndarray, public_key, private_key, *,
   if not np.all(np.isfinite(updates)):
     bad = sorted(set(np.argwhere(~np.isfinite(updates))[:, 0].tolist()))
     raise ValueError(f"paillier_sum: non-finite update entries at sites {bad}")
+  bound = [sum(abs(m) for m in col) for col in zip(*(encode_update(r, s) for r in updates))]
+  over = [d for d, b in enumerate(bound) if b > public_key.max_int]
+  if over:
+    raise ValueError(
+        f"paillier_sum: at coordinates {over} the K encoded values sum_k |round(u_kd s)| can"
+        f" exceed the plaintext space of the key (max_int ~ n / 3), where the decrypted sum"
+        f" would wrap mod n; use a longer key or a smaller scale (s = {s})")
   ciphertexts = [encrypt_update(public_key, row, s) for row in updates]
   encrypted_total = add_ciphertexts(ciphertexts)
   total = decrypt_total(private_key, encrypted_total, s)
@@ -169,6 +210,7 @@ def paillier_weighted_mean(*, key_bits: int = DEFAULT_KEY_BITS, scale: float = D
   return Aggregator(init, aggregate)
 
 
-__all__ = ["DEFAULT_SCALE", "DEFAULT_KEY_BITS", "paillier_keypair", "encrypt_update",
+__all__ = ["DEFAULT_SCALE", "DEFAULT_KEY_BITS", "paillier_keypair", "encode_update",
+           "decode_total", "encrypt_update",
            "add_ciphertexts", "decrypt_total", "PaillierSum", "paillier_sum",
            "paillier_weighted_mean"]

@@ -33,13 +33,17 @@ with add/remove-one-patient neighbours; `PatientLevelAccountant` composes
 the steps each site actually took (from the round metrics) with
 dp-accounting's RDP or PLD accountant.
 
-Threat model: protects each patient of site k against everyone who sees
-site k's updates or any later global model (the server, other sites, model
-users), assuming the site runs the mechanism honestly and keeps its noise
-secret. It does not hide whether the site took part, nor site-level
-statistics (n_k, which the server uses as a weight), nor the per-site
-training loss that the round reports in the clear (a diagnostic; do not
-release it). Composition over sites is not needed: the sites' datasets are
+Threat model (local DP at each site): the site adds the noise itself, so
+each patient of site k is protected against everyone who sees site k's
+updates or any later global model (the server, other sites, model users),
+assuming the site runs the mechanism honestly and keeps its noise secret.
+n_k is treated as public (it sets q_k and the server's weights). It does not
+hide whether the site took part, nor site-level statistics (n_k), nor the
+per-site training loss that the round reports in the clear (a diagnostic; do
+not release it), nor data-dependent preprocessing done outside the mechanism
+(e.g. per-site standardisation with the site's own mean and std: its
+statistics leak into every update and are outside epsilon).
+Composition over sites is not needed: the sites' datasets are
 disjoint, so a patient at one site is covered by that site's epsilon_k.
 """
 
@@ -118,6 +122,14 @@ def gaussian_noise_like(key: jax.Array, tree: Any, stddev: jax.Array) -> Any:
   return jax.tree_util.tree_unflatten(treedef, noise)
 
 
+# ----------------------------------------------------------------------------- schedule check
+
+# The marker and the check live in the core (`fedjax_med.core.objective`), where
+# estimators meet local schedules; re-exported here for the privacy API.
+from fedjax_med.core.objective import (  # pylint: disable=g-import-not-at-top
+    WHOLE_SITE_ATTR, check_batches_span_site, mark_whole_site, needs_whole_site)
+
+
 def _make_build(mode: str):
 
   def build(loss_fn, hparams):
@@ -134,13 +146,12 @@ def _make_build(mode: str):
     def grad_fn(params, x, y, mask, key):
       return dp_sgd_gradient(loss_fn, params, x, y, mask, key, hparams, mode)
 
-    return grad_fn
+    return mark_whole_site(grad_fn)
 
-  return build
+  return mark_whole_site(build)
 
 
 _BUILDS = {mode: _make_build(mode) for mode in ("expected_batch_size", "sampling_rate")}
-
 
 def dp_sgd_gradient(loss_fn, params, x, y, mask, key, hparams: dict, mode: str):
   """One DP-SGD gradient for one site's whole padded data (module docstring).
@@ -149,7 +160,8 @@ def dp_sgd_gradient(loss_fn, params, x, y, mask, key, hparams: dict, mode: str):
     loss_fn: per-example loss `(params, x, y) -> [B]`.
     params: model parameters.
     x: `[B, ...]`, y: `[B, ...]`, mask: `[B]` bool; B >= n_k and the mask marks
-      all of the site's real rows.
+      all of the site's real rows (`check_batches_span_site`). Padded rows are
+      replaced by a real row before the loss (`fill_padded_rows`).
     key: the local step's key.
     hparams: {"clip_norm", "noise_multiplier", and "expected_batch_size" or
       "sampling_rate"} (traced float32).
@@ -162,17 +174,38 @@ def dp_sgd_gradient(loss_fn, params, x, y, mask, key, hparams: dict, mode: str):
   sigma = hparams["noise_multiplier"]
   q, expected = site_rate(mask, hparams, mode)
   sampled = poisson_row_mask(jax.random.fold_in(key, SAMPLE_STREAM), mask, q)
+  x, y = fill_padded_rows(x, y, mask)
   losses, grads = per_example_gradients(loss_fn, params, x, y)
   clipped, _ = clip_per_example(grads, clip_norm)
-  weights = sampled.astype(jnp.float32)
   summed = jax.tree_util.tree_map(
-      lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=(0, 0)), clipped)
+      lambda g: jnp.sum(jnp.where(_rows(sampled, g), g, jnp.zeros((), g.dtype)), axis=0),
+      clipped)
   noise = gaussian_noise_like(jax.random.fold_in(key, NOISE_STREAM), summed, sigma * clip_norm)
   denom = jnp.where(expected > 0, expected, 1.0)
   grads = jax.tree_util.tree_map(lambda s, z: (s + z) / denom.astype(s.dtype), summed, noise)
-  count = jnp.sum(weights)
+  count = jnp.sum(sampled.astype(jnp.float32))
   loss = jnp.sum(jnp.where(sampled, losses, 0.0)) / jnp.maximum(count, 1.0)
   return loss, grads
+
+
+def _rows(row_mask: jax.Array, leaf: jax.Array) -> jax.Array:
+  """`[B]` mask reshaped to broadcast against a `[B, ...]` leaf."""
+  return row_mask.reshape((-1,) + (1,) * (leaf.ndim - 1))
+
+
+def fill_padded_rows(x: jax.Array, y: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x, y with every padded row replaced by the site's first real row.
+
+  A padded row (zeros) never reaches the loss, so a loss that is non-finite at
+  x = 0 or y = 0 (log y, a Poisson NLL) cannot put NaN into the per-example
+  gradients; the replaced rows stay masked out (never sampled). A site with
+  no real row keeps its zeros: all its rows are masked, their gradients are
+  discarded with `jnp.where` (never multiplied by 0), so NaN cannot leak.
+  """
+  first = jnp.argmax(mask)
+  x = jnp.where(_rows(mask, x), x, x[first])
+  y = jnp.where(_rows(mask, y), y, y[first])
+  return x, y
 
 
 def dp_sgd(clip_norm: float, noise_multiplier: float, *,
@@ -182,7 +215,9 @@ def dp_sgd(clip_norm: float, noise_multiplier: float, *,
 
   Pass it as `gradient_estimator=` to a FedAvg-family algorithm whose
   `batch_size >= N_max` (every local step sees the site's whole padded data;
-  `dp_sgd_fedavg` wires this for you). The numbers go to `state.hparams`
+  `dp_sgd_fedavg` wires this for you). Smaller batches would run a different
+  mechanism from the one the accountant charges: `dp_sgd_fedavg` and
+  `dp_fedavg` raise (`check_batches_span_site`). The numbers go to `state.hparams`
   ("clip_norm", "noise_multiplier", and "expected_batch_size" or
   "sampling_rate"), traced: change them with `fm.set_hyperparams` or vmap over
   them with `fm.run_seeds` without recompiling.
@@ -267,5 +302,7 @@ def with_batch_check(algo: FederatedAlgorithm, n_max: int, name: str) -> Federat
 
 
 __all__ = ["SAMPLE_STREAM", "NOISE_STREAM", "per_example_gradients", "clip_per_example",
-           "poisson_row_mask", "site_rate", "gaussian_noise_like", "dp_sgd_gradient",
-           "dp_sgd", "dp_sgd_fedavg", "with_batch_check"]
+           "poisson_row_mask", "site_rate", "gaussian_noise_like", "fill_padded_rows",
+           "dp_sgd_gradient", "dp_sgd", "dp_sgd_fedavg", "with_batch_check",
+           "WHOLE_SITE_ATTR", "mark_whole_site", "needs_whole_site",
+           "check_batches_span_site"]

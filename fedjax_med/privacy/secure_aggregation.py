@@ -12,19 +12,24 @@ Protocol as simulated here (one round, K sites, threshold t):
 
        e_k = round(clip(x_k, -R, R) * s) mod 2^32,    s = `scale` (default 2^20, R = 16).
 
-   Decoding the sum reads the 32-bit word as a signed int32 and divides by s;
-   it is exact as long as K (R s + 1/2) < 2^31 (checked). The decoded sum
-   differs from sum_k clip(x_k) by at most K / (2 s) (rounding) plus float32
-   rounding of the result, 2^-24 |sum| (the stated quantisation error,
-   `quantization_bound`).
+   s must be a power of two (checked), so x s is exact in float32 and the
+   only encoding error is the rounding to an integer, |e_k / s - x_k| <=
+   1 / (2 s). Decoding the sum reads the 32-bit word as a signed int32,
+   converts it to float32 (relative error <= 2^-24) and divides by s (exact);
+   the ring sum is exact as long as K (R s + 1/2) < 2^31 (checked). So the
+   decoded sum differs from sum_k clip(x_k) by at most K / (2 s) + 2^-24 |sum|
+   per coordinate (`quantization_bound`; tested against a float64 reference).
 2. Setup. Every pair of sites (i, j) shares a pairwise seed s_ij (in the real
-   protocol: Diffie-Hellman key agreement; here drawn from the round's key,
-   which stands for the sites' private randomness), and every site draws a
-   self-mask seed b_i. Seeds are 64-bit (two uint32 words); the PRG is JAX's
-   threefry (`jax.random.bits`), standing in for AES-CTR.
+   protocol: Diffie-Hellman key agreement), and every site draws a self-mask
+   seed b_i. Here both come from the operating system's CSPRNG (`secrets`,
+   `draw_seeds`), never from the round's JAX key (which the server knows).
+   Seeds are 64-bit (two uint32 words); the PRG is JAX's threefry
+   (`jax.random.bits`), standing in for AES-CTR.
 3. Secret sharing. Every site Shamir-shares (Shamir 1979) b_i and each of its
    pairwise seeds s_ij among the K sites with threshold t over the prime field
-   GF(2^127 - 1).
+   GF(2^127 - 1); the t - 1 random coefficients of every polynomial come from
+   `random.SystemRandom` (the OS's CSPRNG), so t - 1 shares are uniform on
+   GF(p)^(t-1) whatever the secret.
 4. Masked input. Site i sends
        y_i = e_i + PRG(b_i) + sum_{j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij)   (mod 2^32).
    Pairwise masks cancel in the sum over all sites; each y_i alone is
@@ -50,8 +55,10 @@ Threat model: honest-but-curious server, possibly colluding with fewer than t
 sites: it learns only the sum of the survivors' inputs (the full protocol's
 guarantee against an active server needs signatures and a consistency
 check, not simulated). t > K/2 is recommended so that two disjoint groups of
-survivors cannot both be answered. The simulation derives all seeds from one
-key for reproducibility and shares them in memory; it demonstrates the
+survivors cannot both be answered. The simulation draws every secret (seeds,
+Shamir coefficients) from the OS's CSPRNG and shares them in memory (one
+process plays every party); the unmasked sum does not depend on them (the
+masks cancel exactly), so rounds stay reproducible. It demonstrates the
 arithmetic and the data flow (`ServerView` is exactly what the server
 receives), not a network implementation, and is not constant-time. Secure
 aggregation hides individual updates but not the sum: combine with DP for
@@ -62,7 +69,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import random
+import secrets
 from typing import Any, Sequence
 
 import jax
@@ -77,6 +86,8 @@ DEFAULT_SCALE = 2.0**20
 DEFAULT_CLIP_RANGE = 16.0
 _SELF_STREAM = 0
 _PAIR_STREAM = 1
+# Every secret coefficient comes from the OS's CSPRNG unless a caller passes its own rng.
+_SYSTEM_RANDOM = random.SystemRandom()
 
 
 class TooManyDropouts(ValueError):
@@ -105,11 +116,17 @@ def check_threshold(threshold: Any, num_sites: int) -> int:
 
 
 def check_fixed_point(scale: float, clip_range: float, num_sites: int) -> tuple[float, float]:
-  """Checks that K encoded values in [-R s, R s] sum without wrapping mod 2^32."""
+  """Checks that s is a power of two (x s exact in float32) and that K encoded
+  values in [-R s, R s] sum without wrapping mod 2^32."""
   s, r = float(scale), float(clip_range)
   if not s > 0 or not r > 0 or not np.isfinite(s) or not np.isfinite(r):
     raise SecureAggregationError(f"secure aggregation: scale and clip_range must be finite"
                                  f" numbers > 0, got scale={scale!r}, clip_range={clip_range!r}")
+  if math.frexp(s)[0] != 0.5:
+    raise SecureAggregationError(
+        f"secure aggregation: scale must be a power of two (2^m), got {scale!r}: only then"
+        f" is x * s exact in float32 and the quantisation error within K / (2 s) +"
+        f" 2^-24 |sum|; use 2.0**{round(math.log2(s))}")
   if num_sites * (r * s + 0.5) >= 2.0**31:
     raise SecureAggregationError(
         f"secure aggregation: K = {num_sites} sites x (clip_range {r} x scale {s}) overflows"
@@ -145,8 +162,25 @@ def prg(seed: jax.Array, size: int) -> jax.Array:
   return jax.random.bits(seed.astype(jnp.uint32), (size,), jnp.uint32)
 
 
+def draw_seeds(num_sites: int) -> tuple[np.ndarray, np.ndarray]:
+  """Secret seeds from the OS's CSPRNG (`secrets`): (b [K, 2], s [K, K, 2]) uint32.
+
+  b_i is site i's self-mask seed; s is symmetric (s_ij = s_ji, in the real
+  protocol agreed by Diffie-Hellman) with s_ii = 0. Host side.
+  """
+  k = int(num_sites)
+  self_seeds = np.frombuffer(secrets.token_bytes(8 * k), np.uint32).reshape(k, 2).copy()
+  raw = np.frombuffer(secrets.token_bytes(8 * k * k), np.uint32).reshape(k, k, 2)
+  upper = np.triu(np.ones((k, k), bool), 1)[..., None]
+  pair = np.where(upper, raw, np.swapaxes(raw, 0, 1))
+  pair = np.where(np.eye(k, dtype=bool)[..., None], np.uint32(0), pair).astype(np.uint32)
+  return self_seeds, pair
+
+
 def setup_seeds(key: jax.Array, num_sites: int) -> tuple[jax.Array, jax.Array]:
-  """(self seeds b [K, 2], symmetric pairwise seeds s [K, K, 2]) uint32; s_ii = 0."""
+  """(self seeds b [K, 2], symmetric pairwise seeds s [K, K, 2]) uint32; s_ii = 0,
+  derived from a JAX key: for tests of the ring arithmetic only. Seeds derived
+  from a key the server knows are not secret: the protocol uses `draw_seeds`."""
   self_seeds = jax.random.bits(jax.random.fold_in(key, _SELF_STREAM), (num_sites, 2),
                                jnp.uint32)
   raw = jax.random.bits(jax.random.fold_in(key, _PAIR_STREAM), (num_sites, num_sites, 2),
@@ -211,11 +245,19 @@ def unmask_sum(masked: jax.Array, survivors: jax.Array, revealed_self: jax.Array
 
 # ----------------------------------------------------------------------------- Shamir (host)
 
-def shamir_share(secret: int, num_shares: int, threshold: int, rng: random.Random,
+def shamir_share(secret: int, num_shares: int, threshold: int,
+                 rng: random.Random | None = None,
                  prime: int = SHAMIR_PRIME) -> list[tuple[int, int]]:
-  """Shares (x, f(x)), x = 1..n, of a random degree-(t-1) polynomial f with f(0) = secret."""
+  """Shares (x, f(x)), x = 1..n, of a random degree-(t-1) polynomial f with f(0) = secret.
+
+  The t - 1 other coefficients are uniform on GF(p), drawn from `rng`
+  (default: `random.SystemRandom`, the OS's CSPRNG; pass a seeded
+  `random.Random` only in tests: a public seed lets anyone holding one share
+  recover the secret).
+  """
   if not 0 <= secret < prime:
     raise ValueError(f"shamir_share: secret must be in [0, p), got {secret}")
+  rng = _SYSTEM_RANDOM if rng is None else rng
   coeffs = [secret] + [rng.randrange(prime) for _ in range(threshold - 1)]
   shares = []
   for x in range(1, num_shares + 1):
@@ -256,8 +298,9 @@ class ShareBook:
 
 
 def share_seeds(self_seeds: np.ndarray, pair_seeds: np.ndarray, threshold: int,
-                rng: random.Random) -> ShareBook:
-  """Step 3: every site i Shamir-shares b_i and each s_ij (j != i) among the K sites."""
+                rng: random.Random | None = None) -> ShareBook:
+  """Step 3: every site i Shamir-shares b_i and each s_ij (j != i) among the K sites
+  (coefficients from `rng`, default the OS's CSPRNG; see `shamir_share`)."""
   k = self_seeds.shape[0]
   held = [dict() for _ in range(k)]
   for owner in range(k):
@@ -303,13 +346,19 @@ def recover_seeds(book: ShareBook, survivors: np.ndarray) -> tuple[np.ndarray, n
   return revealed_self, revealed_pair, received
 
 
-def _host_recover(self_seeds, pair_seeds, survivors, threshold):
-  """pure_callback body: share, then reconstruct what the server may learn."""
-  self_seeds = np.asarray(self_seeds)
-  rng = random.Random(_seed_int(self_seeds[0]) if self_seeds.shape[0] else 0)
-  book = share_seeds(self_seeds, np.asarray(pair_seeds), int(threshold), rng)
-  revealed_self, revealed_pair, _ = recover_seeds(book, np.asarray(survivors))
-  return revealed_self, revealed_pair
+def _host_setup(survivors, nonce, threshold):
+  """pure_callback body: the sites draw secret seeds (CSPRNG) and Shamir-share them;
+  the server reconstructs what it may learn. Returns (b, s, revealed b, revealed s).
+
+  `nonce` (the round's key data) is unused: it only keeps two calls of different
+  rounds from being merged as identical pure calls.
+  """
+  del nonce
+  survivors = np.asarray(survivors, bool)
+  self_seeds, pair_seeds = draw_seeds(survivors.shape[0])
+  book = share_seeds(self_seeds, pair_seeds, int(threshold))
+  revealed_self, revealed_pair, _ = recover_seeds(book, survivors)
+  return self_seeds, pair_seeds, revealed_self, revealed_pair
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -358,19 +407,20 @@ def _unmask_jit(masked, survivors, revealed_self, revealed_pair):
   return unmask_sum(masked, survivors, revealed_self, revealed_pair)
 
 
-def secure_sum(updates: Any, key: jax.Array, *, threshold: int,
+def secure_sum(updates: Any, key: jax.Array | None = None, *, threshold: int,
                dropped: Sequence[int] = (), scale: float = DEFAULT_SCALE,
-               clip_range: float = DEFAULT_CLIP_RANGE, seed_rng: int = 0) -> SecureSum:
+               clip_range: float = DEFAULT_CLIP_RANGE) -> SecureSum:
   """Runs the whole protocol for K stacked updates and returns the sum and the server's view.
 
   Args:
     updates: pytree with a leading K axis on every leaf (one update per site).
-    key: the round's key (stands for the sites' private randomness).
+    key: unused (kept for the call signature): every secret (mask seeds,
+      Shamir coefficients) comes from the OS's CSPRNG, never from a key the
+      server could know. The result does not depend on them.
     threshold: t, 1 <= t <= K.
     dropped: sites that drop out after sharing their seeds (their masked input
       never arrives).
-    scale, clip_range: fixed-point scale s and clipping range R.
-    seed_rng: seed of the Shamir polynomials' coefficients.
+    scale, clip_range: fixed-point scale s (a power of two) and clipping range R.
 
   Raises:
     SecureAggregationError for bad options; TooManyDropouts when fewer than t
@@ -388,11 +438,11 @@ def secure_sum(updates: Any, key: jax.Array, *, threshold: int,
   template = jax.tree_util.tree_map(lambda a: a[0], updates)
   _, unravel = ravel_pytree(template)
   flat = jax.vmap(lambda u: ravel_pytree(u)[0])(updates)
+  del key
   encoded, clipped = encode(flat, s, r)
-  self_seeds, pair_seeds = setup_seeds(key, k)
-  book = share_seeds(np.asarray(self_seeds), np.asarray(pair_seeds), t,
-                     random.Random(seed_rng))
-  masked = np.asarray(_mask_jit(encoded, self_seeds, pair_seeds))
+  self_seeds, pair_seeds = draw_seeds(k)
+  book = share_seeds(self_seeds, pair_seeds, t)
+  masked = np.asarray(_mask_jit(encoded, jnp.asarray(self_seeds), jnp.asarray(pair_seeds)))
   # --- what crosses the network to the server: survivors' masked inputs only.
   received = {i: masked[i].copy() for i in range(k) if survivors[i]}
   if survivors.sum() < t:
@@ -434,11 +484,12 @@ def secure_weighted_mean(threshold: int | None = None, *, scale: float = DEFAULT
 
   Args:
     threshold: t (default: floor(C / 2) + 1 for a cohort of C sites).
-    scale, clip_range: fixed point (s, R); the weighted updates p_k u_k must lie in
+    scale, clip_range: fixed point (s a power of two, R); the weighted updates p_k u_k must lie in
       [-R, R] (entries outside are clipped and counted in "secagg_clipped").
 
   Metrics: secagg_dropouts (sites with weight 0), secagg_clipped.
-  Runs in jit except Shamir sharing/reconstruction (`jax.pure_callback`).
+  Runs in jit except drawing the secret seeds (OS CSPRNG) and Shamir
+  sharing/reconstruction, one host call (`jax.pure_callback`) per round.
   """
   if threshold is not None and (isinstance(threshold, bool) or
                                 not isinstance(threshold, (int, np.integer)) or threshold < 1):
@@ -464,13 +515,14 @@ def secure_weighted_mean(threshold: int | None = None, *, scale: float = DEFAULT
     p = normalized(weights)
     survivors = weights > 0
     encoded, clipped = encode(flat * p[:, None].astype(flat.dtype), s, r)
-    self_seeds, pair_seeds = setup_seeds(key, c)
-    masked = mask_inputs(encoded, self_seeds, pair_seeds)
     shapes = (jax.ShapeDtypeStruct((c, 2), jnp.uint32),
+              jax.ShapeDtypeStruct((c, c, 2), jnp.uint32),
+              jax.ShapeDtypeStruct((c, 2), jnp.uint32),
               jax.ShapeDtypeStruct((c, c, 2), jnp.uint32))
-    revealed_self, revealed_pair = jax.pure_callback(
-        functools.partial(_host_recover, threshold=t), shapes, self_seeds, pair_seeds,
-        survivors, vmap_method="sequential")
+    self_seeds, pair_seeds, revealed_self, revealed_pair = jax.pure_callback(
+        functools.partial(_host_setup, threshold=t), shapes, survivors,
+        jax.random.key_data(key), vmap_method="sequential")
+    masked = mask_inputs(encoded, self_seeds, pair_seeds)
     words = unmask_sum(masked, survivors, revealed_self, revealed_pair)
     mean = unravel(decode(words, s).astype(flat.dtype))
     return mean, state, {"secagg_dropouts": jnp.sum(~survivors, dtype=jnp.int32),
@@ -481,6 +533,7 @@ def secure_weighted_mean(threshold: int | None = None, *, scale: float = DEFAULT
 
 __all__ = ["SHAMIR_PRIME", "DEFAULT_SCALE", "DEFAULT_CLIP_RANGE", "TooManyDropouts",
            "SecureAggregationError", "check_threshold", "check_fixed_point",
-           "quantization_bound", "encode", "decode", "prg", "setup_seeds", "mask_inputs",
+           "quantization_bound", "encode", "decode", "prg", "draw_seeds", "setup_seeds",
+           "mask_inputs",
            "unmask_sum", "shamir_share", "shamir_reconstruct", "ShareBook", "share_seeds",
            "recover_seeds", "ServerView", "SecureSum", "secure_sum", "secure_weighted_mean"]

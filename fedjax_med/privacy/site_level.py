@@ -25,18 +25,22 @@ dominate. Dividing the plain sum by a constant keeps the per-site
 contribution at most C / W. (McMahan et al. allow capped weights
 w_k = min(n_k / w^, 1) with a public cap; w_k = 1 is the special case kept here.)
 
-Accounting (`accounting.site_level_event`, `SiteLevelAccountant`): R rounds
-of PoissonSampled(q, Gaussian(sigma)) under add/remove-one-site neighbours
-(q = 1: Gaussian(sigma)), RDP or PLD. With the algorithms' fixed-size cohorts
-(`cohort_size` of K, without replacement) use `num_sites` and `cohort_size`
-there instead (replace-one neighbours, RDP).
+Accounting (`accounting.site_level_event`, `SiteLevelAccountant`), always
+reported with its neighbouring relation. Default "replace_one" (one site's
+data replaced, K public, as dp_fedavg enforces; the sum moves by up to 2C):
+every site every round is R x Gaussian(sigma / 2), fixed-size cohorts of
+C < K are R x SampledWithoutReplacement(K, C, Gaussian(sigma / 2)) (RDP,
+never above the C = K value). "add_or_remove_one" (the sum moves by up to
+C): R x Gaussian(sigma), or R x PoissonSampled(q, Gaussian(sigma)) with
+Poisson site sampling; it has no analysis of fixed-size cohorts.
 
-Threat model: the server and anyone who sees the models learn little about
-any one site's data (not only about one patient), assuming the server adds
-the noise honestly (trusted aggregator; combine with secure aggregation and
-distributed noise to remove that trust, not done here) and the clipping is
-applied to every update. Individual clipped updates are visible to the
-server unless secure aggregation hides them. With K = 4 hospitals the noise
+Threat model (trusted aggregator): the SERVER clips and adds the noise, so
+it sees every site's update before noise (clipped or not) and is NOT
+covered by epsilon; epsilon bounds what everyone who sees only the noised
+aggregate and the models (other sites, model users, an outside observer)
+can learn about any one site's data. Removing that trust needs secure
+aggregation plus distributed noise added by the sites (not done here).
+n_k and participation are public. With K = 4 hospitals the noise
 needed for a small epsilon is of the order of the signal: site-level DP
 needs many sites.
 """
@@ -52,7 +56,7 @@ from fedjax_med.core.aggregation import Aggregator, ClientTransform, chain
 from fedjax_med.core.algorithm import FederatedAlgorithm, with_data_check
 from fedjax_med.core.options import OptionError
 from fedjax_med.privacy import accounting
-from fedjax_med.privacy.patient_level import gaussian_noise_like
+from fedjax_med.privacy.patient_level import check_batches_span_site, gaussian_noise_like
 from fedjax_med.robust import clip_to_norm
 
 
@@ -218,11 +222,15 @@ def dp_fedavg(loss_fn, *, clip_norm: float, noise_multiplier: float,
   * Poisson site sampling: `num_sites=K, sampling_rate=q` (W = q K);
   * fixed-size cohorts: `cohort_size=C` (W = C; account with
     `SiteLevelAccountant(delta, num_sites=K, cohort_size=C)`).
+  Accounting: `SiteLevelAccountant`, whose report names the neighbouring
+  relation ("replace_one" by default; Poisson sampling needs
+  neighboring_relation="add_or_remove_one").
 
   Args:
     loss_fn, client_optimizer, local_epochs, local_steps, batch_size,
     server_optimizer, shuffle, gradient_estimator, downlink: as `fm.algorithms.fedavg`
-      (a `dp_sgd` estimator here gives patient- and site-level DP at once).
+      (a `dp_sgd` estimator here gives patient- and site-level DP at once; it
+      needs `batch_size >= N_max` of the data, else the round raises).
     clip_norm, noise_multiplier: C and sigma.
     pre: ClientTransforms before clipping (e.g. robust links).
   """
@@ -247,15 +255,15 @@ def dp_fedavg(loss_fn, *, clip_norm: float, noise_multiplier: float,
                 weighting="uniform", aggregator=aggregator, shuffle=shuffle,
                 cohort_size=cohort_size, sampling="uniform",
                 gradient_estimator=gradient_estimator, downlink=downlink)
-  if cohort_size is not None:
-    return algo._replace(name="dp_fedavg")
 
   def check(data):
-    k = data.mask.shape[0]
-    if k != num_sites:
+    k, n_max = data.mask.shape[:2]
+    if cohort_size is None and k != num_sites:
       raise ValueError(f"dp_fedavg: built for num_sites={num_sites} (denominator W ="
                        f" {expected:g}) but the data has K = {k} sites; rebuild with"
                        f" num_sites={k}")
+    if gradient_estimator is not None:
+      check_batches_span_site(gradient_estimator, batch_size, n_max, "dp_fedavg")
 
   return with_data_check(algo, check, "dp_fedavg")
 
