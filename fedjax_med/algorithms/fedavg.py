@@ -15,7 +15,7 @@ which weights a 30-patient hospital like a 200-patient one.
 
 This file also holds the round shared by the FedAvg family: FedProx adds a
 proximal term to the local objective (`fedprox.py`), FedNova normalises each
-Delta_k by its number of local steps (`fednova.py`), FedAdam/FedYogi/
+Delta_k by ||a_k||_1 (tau_k for SGD; `fednova.py`), FedAdam/FedYogi/
 FedAdagrad change the server optimizer (`fedopt.py`).
 
 All participating sites run under one `jax.vmap` in one `jax.jit`-compiled round.
@@ -36,7 +36,8 @@ from fedjax_med.core import cohort as cohort_lib
 from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
                                        make_algorithm, new_server_state, server_key)
 from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
-from fedjax_med.core.objective import GradientEstimator, mean_gradient
+from fedjax_med.core.objective import (GradientEstimator, check_batches_span_site,
+                                       mean_gradient)
 from fedjax_med.core.options import check_optimizer, reject_unknown
 from fedjax_med.core.state import init_client_optimizer, injected_hyperparams
 from fedjax_med.core.tree import tree_l2_norm
@@ -58,7 +59,9 @@ class FedAvgConfig:
   cohort: cohort_lib.CohortSpec
   aggregator: agg.Aggregator
   proximal: bool = False     # FedProx: + mu/2 ||w - w_global||^2 locally
-  normalized: bool = False   # FedNova: Delta_k / tau_k, rescaled by tau_eff
+  # FedNova: normalizer(steps [C], client_hparams, max_steps) -> ||a_k||_1 [C];
+  # Delta_k / ||a_k||_1, rescaled by tau_eff = sum_k p_k ||a_k||_1. None: FedAvg.
+  normalizer: Any = None
   # GradientEstimator.build (its initial hparams go to the state, not here,
   # so estimators differing only in numbers share one compiled round).
   gradient: Any = mean_gradient().build
@@ -71,7 +74,7 @@ def build_fedavg_family(name: str, loss_fn, *, client_optimizer, server_optimize
                         local_epochs, local_steps, batch_size, weighting, aggregator,
                         shuffle, cohort_size, sampling, gradient_estimator=None,
                         downlink=None, client_chunk_size=None, proximal=False,
-                        normalized=False, hparams=None) -> FederatedAlgorithm:
+                        normalizer=None, hparams=None) -> FederatedAlgorithm:
   """Validates the common options and builds a FedAvg-family algorithm."""
   if local_epochs is None and local_steps is None:
     local_epochs = 1
@@ -84,7 +87,7 @@ def build_fedavg_family(name: str, loss_fn, *, client_optimizer, server_optimize
       schedule=make_schedule(name, batch_size, local_epochs, local_steps, shuffle),
       cohort=cohort_lib.make_cohort_spec(name, cohort_size, sampling, weighting),
       aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
-      proximal=proximal, normalized=normalized,
+      proximal=proximal, normalizer=normalizer,
       gradient=(gradient_estimator or mean_gradient()).build, downlink=downlink,
       client_chunk_size=chunking.check_chunk_size(name, client_chunk_size))
   hparams = {**(gradient_estimator or mean_gradient()).hparams, **(hparams or {})}
@@ -173,30 +176,37 @@ def fedavg_family_round(config: FedAvgConfig, state, data, key):
   downlink_metrics = {}
   if config.downlink is not None:
     w, downlink_metrics = config.downlink(w, jax.random.fold_in(server_key(key), 1))
+  check_batches_span_site(config.gradient, config.schedule.batch_size, data.mask.shape[1],
+                          "fedavg family round")
   grad_fn = config.gradient(config.loss_fn, state.hparams)
   if config.proximal:
     grad_fn = proximal_grad_fn(grad_fn, state.hparams["mu"], w)
   cohort = cohort_lib.select_cohort(config.cohort, data, (), key)
   x, y, mask = cohort.data.x, cohort.data.y, cohort.data.mask
+  max_steps = config.schedule.num_scan_steps(mask.shape[1])
 
   def client_update(x_k, y_k, mask_k, key_k):
     opt_state = init_client_optimizer(config.client_optimizer, w, state.client_hparams)
     local = local_training(grad_fn, config.client_optimizer, config.schedule, w,
                            opt_state, x_k, y_k, mask_k, key_k)
     delta = jax.tree_util.tree_map(jnp.subtract, w, local.params)
-    if config.normalized:
-      # FedNova (Wang et al. 2020): d_k = Delta_k / tau_k, Delta = tau_eff sum_k p_k d_k.
-      delta = jax.tree_util.tree_map(lambda d: d / _taus(local.num_steps), delta)
-    return delta, (local.num_steps, local.mean_loss)
+    norm = jnp.float32(1.0)
+    if config.normalizer is not None:
+      # FedNova (Wang et al. 2020): d_k = Delta_k / ||a_k||_1 (a site that took
+      # no step has Delta_k = 0), Delta = tau_eff sum_k p_k d_k.
+      norm = config.normalizer(local.num_steps, state.client_hparams, max_steps)
+      delta = jax.tree_util.tree_map(
+          lambda d: d / jnp.maximum(norm, 1.0).astype(d.dtype), delta)
+    return delta, (local.num_steps, local.mean_loss, norm)
 
   weights = cohort.weights
-  delta, (steps, losses), aggregator_state, agg_metrics = chunking.aggregate_clients(
+  delta, (steps, losses, norms), aggregator_state, agg_metrics = chunking.aggregate_clients(
       client_update, (x, y, mask, client_keys(key, cohort.data.site_ids)), weights,
       config.aggregator, state.aggregator_state, server_key(key), cohort.context,
       config.client_chunk_size)
-  if config.normalized:
-    tau_eff = jnp.sum(agg.normalized(weights) * _taus(steps))
-    delta = jax.tree_util.tree_map(lambda d: tau_eff * d, delta)
+  if config.normalizer is not None:
+    tau_eff = jnp.sum(agg.normalized(weights) * norms)
+    delta = jax.tree_util.tree_map(lambda d: tau_eff.astype(d.dtype) * d, delta)
     agg_metrics = {**agg_metrics, "tau_eff": tau_eff}
   params, server_opt_state = apply_server_optimizer(
       config.server_optimizer, state.params, state.server_opt_state, delta,
@@ -215,11 +225,6 @@ def fedavg_family_round(config: FedAvgConfig, state, data, key):
   new_state = state._replace(params=params, server_opt_state=server_opt_state,
                              aggregator_state=aggregator_state, round=state.round + 1)
   return new_state, metrics
-
-
-def _taus(steps: jax.Array) -> jax.Array:
-  """tau_k as float, at least 1 (a site that took no step has weight 0)."""
-  return jnp.maximum(steps, 1).astype(jnp.float32)
 
 
 def cohort_positions(cohort: cohort_lib.Cohort, size: int) -> jax.Array:
