@@ -15,12 +15,14 @@ import pytest
 
 import fedjax_med as fm
 from fedjax_med import optimizers as fm_opt
-from conftest import bce_loss, count_compilations, init_params
+from conftest import bce_loss, count_compilations, init_params, ref_local_sgd, to_np
 
 ADAPTIVITIES = ("adagrad", "adam", "yogi")
 FACTORIES = {"adagrad": fm_opt.fedadagrad, "adam": fm_opt.fedadam,
              "yogi": fm_opt.fedyogi}
-RTOL, ATOL = 1e-5, 1e-6  # float32 against float64
+# float32 against float64: measured max relative error 6.6e-6 (first-step closed
+# form at |Delta| ~ tau) and max absolute error 1.0e-7 on O(1) parameters.
+RTOL, ATOL = 1e-5, 3e-7
 
 
 def reference_algorithm2(x0, deltas, adaptivity, eta, beta1, beta2, tau, v0):
@@ -204,11 +206,19 @@ def test_initial_accumulator_value(adaptivity):
 def test_learning_rate_schedule():
   deltas = random_deltas(3, seed=1)
   x0 = [np.zeros((3, 4), np.float32), np.zeros(5, np.float32)]
-  a = run_optax(fm_opt.fedyogi(optax.constant_schedule(0.2)), x0, deltas)[0]
-  b = run_optax(fm_opt.fedyogi(0.2), x0, deltas)[0]
-  for u, w in zip(a, b):
-    np.testing.assert_allclose(u[0], w[0], rtol=1e-6)
-    np.testing.assert_allclose(u[1], w[1], rtol=1e-6)
+  a = run_optax(fm_opt.fedyogi(optax.linear_schedule(0.2, 0.05, 2)), x0, deltas)[0]
+  # Round t uses eta_t = 0.2, 0.125, 0.05: Algorithm 2 with a per-round eta.
+  # (defaults beta1 = 0.9, beta2 = 0.999, tau = 1e-3, v_{-1} = 0)
+  x = [np.zeros((3, 4)), np.zeros(5)]
+  m = [np.zeros_like(l) for l in x]
+  v = [np.zeros_like(l) for l in x]
+  for t, (eta, delta) in enumerate(zip((0.2, 0.125, 0.05), deltas)):
+    for i, d in enumerate(delta):
+      d = np.asarray(d, np.float64)
+      m[i] = 0.9 * m[i] + 0.1 * d
+      v[i] = v[i] - 0.001 * d * d * np.sign(v[i] - d * d)
+      x[i] = x[i] + eta * m[i] / (np.sqrt(v[i]) + 1e-3)
+      np.testing.assert_allclose(a[t][i], x[i], rtol=RTOL, atol=ATOL, err_msg=f"round {t}")
 
 
 @pytest.mark.parametrize("adaptivity", ADAPTIVITIES)
@@ -240,8 +250,12 @@ def test_inject_hyperparams_traced_no_retrace(adaptivity):
     hyper = dict(state0.hyperparams)
     hyper[name] = jnp.asarray(value, hyper[name].dtype)
     got = flat(two_steps(state0._replace(hyperparams=hyper)))
-    want_opt = FACTORIES[adaptivity](**{**base, name: value})
-    want = flat(run_optax_params(want_opt, params, gs))
+    # The float64 Algorithm 2 at the changed value (not a second optax run).
+    hyper_ref = {**base, name: value}
+    ref = reference_algorithm2([np.zeros((3, 4)), np.zeros(5)], deltas, adaptivity,
+                               hyper_ref["learning_rate"], hyper_ref["beta1"],
+                               hyper_ref["beta2"], hyper_ref["tau"], 0.0)[0][-1]
+    want = np.concatenate([np.ravel(ref[0]), np.ravel(ref[1])])
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-7, err_msg=name)
     if name == "beta2" and adaptivity == "adagrad":
       np.testing.assert_array_equal(got, baseline)  # documented as unused
@@ -250,22 +264,19 @@ def test_inject_hyperparams_traced_no_retrace(adaptivity):
   assert traces[0] == 1
 
 
-def run_optax_params(opt, params, gs):
-  state = opt.init(params)
-  for g in gs:
-    u, state = opt.update(g, state, params)
-    params = optax.apply_updates(params, u)
-  return params
-
-
-def test_fedavg_server_fedadam_sign_and_no_recompile(data):
+def test_fedavg_server_fedadam_sign_and_no_recompile(sites, data):
   """One FedAvg round with FedAdam moves w towards sum_k p_k w_k by the closed form."""
   params = init_params()
   key = jax.random.PRNGKey(0)
   client = optax.sgd(0.1)
-  averaged = fm.algorithms.fedavg(bce_loss, client_optimizer=client, local_epochs=1,
-                                  batch_size=4, server_optimizer=optax.sgd(1.0))
-  w_avg = averaged.round(averaged.init(params), data, key)[0].params
+  # sum_k p_k w_k from the float64 client loop (not from the project's FedAvg).
+  n = np.array([len(y) for _, y in sites], np.float64)
+  w0, b0 = to_np(params)
+  runs = [ref_local_sgd(w0, b0, x, y, 0.1, 4, np.asarray(data.mask)[k],
+                        jax.random.fold_in(key, k), epochs=1)
+          for k, (x, y) in enumerate(sites)]
+  w_avg = {"w": sum(nk / n.sum() * r[0] for nk, r in zip(n, runs)),
+           "b": sum(nk / n.sum() * r[1] for nk, r in zip(n, runs))}
   eta, beta1, beta2, tau = 0.01, 0.9, 0.999, 1e-3
   server = optax.inject_hyperparams(fm_opt.fedadam)(learning_rate=eta, beta1=beta1,
                                                      beta2=beta2, tau=tau)
@@ -277,7 +288,7 @@ def test_fedavg_server_fedadam_sign_and_no_recompile(data):
     d = np.asarray(w_avg[name], np.float64) - np.asarray(params[name], np.float64)
     want = np.asarray(params[name], np.float64) + eta * (1 - beta1) * d / (
         np.sqrt(1 - beta2) * np.abs(d) + tau)
-    np.testing.assert_allclose(got[name], want, rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(got[name], want, rtol=RTOL, atol=ATOL)
   with count_compilations() as compiles:
     changed = fm.set_hyperparams(state, server={"learning_rate": 2 * eta, "tau": 0.1})
     again = algo.round(changed, data, key)[0].params
@@ -285,7 +296,7 @@ def test_fedavg_server_fedadam_sign_and_no_recompile(data):
   d = np.asarray(w_avg["b"], np.float64) - float(params["b"])
   np.testing.assert_allclose(
       again["b"], float(params["b"]) + 2 * eta * (1 - beta1) * d / (
-          np.sqrt(1 - beta2) * abs(d) + 0.1), rtol=RTOL, atol=1e-6)
+          np.sqrt(1 - beta2) * abs(d) + 0.1), rtol=RTOL, atol=ATOL)
 
 
 def test_state_dtypes_are_kept():
