@@ -1,11 +1,19 @@
 """A tamper-evident round log: one JSON line per round, chained by sha256.
 
-    log = fm.audit.AuditLog("run.audit.jsonl")
+    import jax, optax
+    import fedjax_med as fm
+    train, _ = fm.datasets.heart_disease()
+    model = fm.models.LogisticRegression()
+    loss_fn = fm.losses.sigmoid_binary_cross_entropy(model.apply)
+    algo = fm.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.05), batch_size=4)
+    state = algo.init(model.init(jax.random.PRNGKey(0), train.x[0, :1]))
+    log = fm.audit.AuditLog("run.audit.jsonl")    # refuses to overwrite an existing log
     callback = log.run_callback(run="heart/fedavg/seed0", algorithm="fedavg",
-                                hyperparameters={...}, initial_params=state.params,
-                                site_names=train.names)
-    fm.run_rounds(algo, state, train, rounds, key, callback=callback)
-    fm.audit.verify("run.audit.jsonl")          # raises AuditError naming the line
+                                hyperparameters={"lr": 0.05, "batch_size": 4},
+                                initial_state=state, site_names=train.site_names)
+    fm.run_rounds(algo, state, train, 3, jax.random.PRNGKey(1), progress=False,
+                  callback=callback)
+    fm.audit.verify("run.audit.jsonl")            # 3; raises AuditError naming the line
 
 Each line is a JSON object with
 
@@ -27,12 +35,20 @@ Canonical JSON = `json.dumps(obj, sort_keys=True, separators=(",", ":"))`.
 An array's sha256 covers its dtype, shape and C-order bytes; a pytree's covers
 every leaf with its path (`tree_sha256`).
 
-`verify(path)` recomputes every line's hash and the chain: an edited field
-breaks that line's hash, a deleted, inserted or reordered line breaks the
-next line's `prev_hash`. What a plain hash chain cannot show by itself: a
-truncated tail (keep the last hash elsewhere and pass it as
-`expected_head`), or a forger who rewrites every later line (sign or
-publish the head hash for that).
+`AuditLog` also keeps the chain's head, `{"hash": <last line's hash>, "lines":
+<count>}`, in the sidecar file `<path>.head`, rewritten atomically (temporary file +
+`os.replace`) after every line. `verify(path)` recomputes every line's hash and the
+chain: an edited field breaks that line's hash, a deleted, inserted or reordered
+line breaks the next line's `prev_hash`, and a log whose last hash or line count
+differs from `<path>.head` lost (or gained) lines at the end, which a plain hash
+chain cannot show by itself. What the sidecar cannot show: a forger who rewrites
+the log and its `.head` together (publish or sign the head hash for that, and pass
+it as `expected_head`). If the process dies between writing a line and its head,
+the log has one line more than `.head` and verify says so.
+
+`AuditLog(path)` never empties an existing log: opening a non-empty log (or one
+whose `.head` records lines) raises unless `resume=True`, which verifies it and
+continues its chain.
 
 `replay(path, line, algo, data, run_key, checkpoint_dir, like_state)` re-runs
 a logged round from its checkpoint and confirms the aggregate, model and site
@@ -172,38 +188,95 @@ def load_checkpoint(path: str, like: Any) -> Any:
   return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(b) for b in loaded])
 
 
+HEAD_SUFFIX = ".head"
+
+
+def head_path(path: str) -> str:
+  """The sidecar file holding the log's head: `<path>.head`."""
+  return path + HEAD_SUFFIX
+
+
+def read_head(path: str) -> dict | None:
+  """`{"hash", "lines"}` from `<path>.head`, or None if there is no such file."""
+  hp = head_path(path)
+  if not os.path.exists(hp):
+    return None
+  try:
+    with open(hp) as f:
+      head = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise AuditError(f"{hp}: the head file cannot be read ({e})") from None
+  if (not isinstance(head, dict) or not isinstance(head.get("hash"), str)
+      or isinstance(head.get("lines"), bool) or not isinstance(head.get("lines"), int)):
+    raise AuditError(f"{hp}: the head file must hold {{\"hash\": str, \"lines\": int}},"
+                     f" got {head!r}")
+  return head
+
+
+def _write_head(path: str, head_hash: str, lines: int) -> None:
+  """Replaces `<path>.head` atomically (write a temporary file, then os.replace)."""
+  hp = head_path(path)
+  tmp = f"{hp}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(canonical_json({"hash": head_hash, "lines": int(lines)}) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, hp)
+
+
 class AuditLog:
-  """Appends chained round lines to a JSONL file.
+  """Appends chained round lines to a JSONL file and keeps its head in `<path>.head`.
 
   Args:
-    path: the log file; created (parent folders too) and truncated unless
-      `resume=True`, which continues the chain of an existing, verified log.
+    path: the log file; created (parent folders too) if absent or empty.
+      An existing log is never emptied: if it holds lines (or `<path>.head`
+      records some), `AuditLog` raises unless `resume=True`.
     checkpoint_dir: if given, the state before every round is saved there
       (`<run>_round<r>.npz`, run names sanitised) and its sha256 logged, so
       `replay` can re-run the round.
+    resume: continue the chain of an existing log after `verify(path)`
+      (which needs its `.head`); a missing or empty log starts a new chain.
+
+  Raises:
+    AuditError: the log exists and holds lines but `resume` is False (naming
+      the path and the options), or `resume=True` and the log does not verify.
   """
 
   def __init__(self, path: str, checkpoint_dir: str | None = None, resume: bool = False):
     self.path = path
     self.checkpoint_dir = checkpoint_dir
+    has_lines = os.path.exists(path) and os.path.getsize(path) > 0
+    stored = read_head(path)
+    recorded = stored is not None and stored["lines"] > 0
+    if not resume and (has_lines or recorded):
+      what = "holds lines" if has_lines else f"has a {HEAD_SUFFIX} file recording lines"
+      raise AuditError(
+          f"AuditLog: {path} already {what}; refusing to overwrite an audit log. Pass"
+          f" resume=True to verify it and append to its chain, or choose another path"
+          f" (or move {path} and {head_path(path)} away first to start a new log)")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     if checkpoint_dir is not None:
       os.makedirs(checkpoint_dir, exist_ok=True)
-    if resume and os.path.exists(path):
-      verify(path)
+    if resume and (has_lines or recorded):
+      if not os.path.exists(path):
+        raise AuditError(f"AuditLog: {path} is missing but {head_path(path)} records"
+                         f" {stored['lines']} lines")
+      self.lines = verify(path)
       self.head = _last_hash(path)
     else:
       open(path, "w").close()
-      self.head = GENESIS
+      self.head, self.lines = GENESIS, 0
+      _write_head(path, self.head, 0)
 
   def append(self, entry: dict) -> dict:
-    """Adds prev_hash and hash to `entry`, writes it as one line; returns it."""
+    """Adds prev_hash and hash to `entry`, writes it as one line, updates `.head`; returns it."""
     entry = {**_jsonable(entry), "prev_hash": self.head}
     entry["hash"] = line_hash(entry)
     with open(self.path, "a") as f:
       f.write(canonical_json(entry) + "\n")
-    self.head = entry["hash"]
+    self.head, self.lines = entry["hash"], self.lines + 1
+    _write_head(self.path, self.head, self.lines)
     return entry
 
   def record_round(self, *, run: str, round_index: int, algorithm: str,
@@ -273,15 +346,26 @@ def read_lines(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def verify(path: str, expected_head: str | None = None) -> int:
-  """Recomputes every line's hash and the chain; returns the number of lines.
+def verify(path: str, expected_head: str | None = None, require_head: bool = True) -> int:
+  """Recomputes every line's hash and the chain, checks the head; returns the line count.
+
+  Args:
+    path: the log.
+    expected_head: a head hash kept elsewhere (published, signed); the last
+      line's hash must equal it.
+    require_head: without `expected_head`, the log's `<path>.head` (written
+      by `AuditLog`) must exist. Whenever it exists it must match the last
+      line's hash and the line count. Pass False only for a log without one
+      (then lines missing at the end go unnoticed).
 
   Raises:
     AuditError naming the first bad line (1-based): not JSON, a missing
     field, an edited line (its hash differs), or a broken link (its
     prev_hash is not the previous line's hash: a line was deleted, inserted
-    or reordered before it); or, with `expected_head`, a log whose last hash
-    differs (e.g. truncated).
+    or reordered before it); or a log whose line count or last hash differs
+    from its `.head` (lines missing at the end, or the last line rewritten),
+    a missing `.head` (with `require_head`), or a last hash that is not
+    `expected_head`.
   """
   prev = GENESIS
   count = 0
@@ -310,6 +394,22 @@ def verify(path: str, expected_head: str | None = None) -> int:
                          " inserted or reordered before it")
       prev = entry["hash"]
       count += 1
+  stored = read_head(path)
+  if stored is None and require_head and expected_head is None:
+    raise AuditError(f"{path}: no head file {head_path(path)}, so lines missing at the end"
+                     " cannot be detected; pass expected_head=<the last hash kept elsewhere>"
+                     " or require_head=False to check the chain alone")
+  if stored is not None and (stored["lines"] != count or stored["hash"] != prev):
+    if stored["lines"] > count:
+      why = "lines are missing at the end"
+    elif stored["lines"] < count:
+      why = ("lines were added after the head was written (or the writer stopped between"
+             " a line and its head)")
+    else:
+      why = "the last line was rewritten"
+    raise AuditError(f"{path}: the log has {count} lines ending in hash {prev[:12]}..., its"
+                     f" head file {head_path(path)} records {stored['lines']} lines ending in"
+                     f" {stored['hash'][:12]}...: {why}")
   if expected_head is not None and prev != expected_head:
     raise AuditError(f"{path}: the last line's hash {prev[:12]}... is not the expected head"
                      f" {expected_head[:12]}... (lines missing at the end?)")
@@ -362,6 +462,6 @@ def replay(path: str, line: int, algo, data, run_key: jax.Array, checkpoint_dir:
   return entry
 
 
-__all__ = ["AuditError", "AuditLog", "GENESIS", "array_sha256", "tree_sha256",
+__all__ = ["AuditError", "AuditLog", "GENESIS", "HEAD_SUFFIX", "head_path", "read_head", "array_sha256", "tree_sha256",
            "canonical_json", "line_hash", "verify", "replay", "read_lines",
            "save_checkpoint", "load_checkpoint", "site_update_hashes", "round_metrics"]
