@@ -25,6 +25,15 @@ Reducers (the last link):
   largest and b smallest of the m sites with weight > 0 and average the rest
   (Yin et al. 2018).
 
+NaN entries in the reducers: a NaN is a missing value at its coordinate, as a
+site with weight 0 is everywhere: m counts, per coordinate, the sites with
+weight > 0 whose entry is not NaN, and a coordinate with m = 0 gets 0 (no
+update). So one NaN site changes neither reducer beyond removing its vote, and
+the padding used inside the jit (NaN for the median, +inf for the sort of the
+trimmed mean) is never returned. To drop a faulty site whole and count it, put
+`reject_nonfinite()` first. `norm_bound` is not NaN-safe by itself (the norm of
+a NaN or inf update is NaN or inf, and its clipped update NaN).
+
 Both reducers are unweighted (each site counts once whatever n_k): they
 estimate a robust centre of the site updates, not the n_k-weighted mean of
 F(w) = sum_k (n_k/n) F_k(w); with heterogeneous sites this is a bias traded
@@ -183,18 +192,33 @@ def inject_faults(faults: Mapping[int, Any]) -> ClientTransform:
   return ClientTransform(_no_state, apply)
 
 
+def _usable(u: jax.Array, valid: jax.Array) -> jax.Array:
+  """`[C, ...]` bool: site c has weight > 0 and its entry is not NaN."""
+  return _rows(valid, u) & ~jnp.isnan(u)
+
+
 def _masked_median(u: jax.Array, valid: jax.Array) -> jax.Array:
-  values = jnp.where(_rows(valid, u), u, jnp.nan)
+  usable = _usable(u, valid)
+  values = jnp.where(usable, u, jnp.nan)   # nanmedian skips the NaN padding
   med = jnp.nanmedian(values, axis=0)
-  return jnp.where(jnp.any(valid), med, jnp.zeros_like(med)).astype(u.dtype)
+  return jnp.where(jnp.any(usable, axis=0), med, jnp.zeros_like(med)).astype(u.dtype)
 
 
 def coordinate_median() -> Aggregator:
   """Coordinate-wise median over the sites with weight > 0 (unweighted).
 
-  With m valid sites, the median of m values (the mean of the two middle ones
-  when m is even); zero when no site is valid. NaN entries are ignored (use
-  `reject_nonfinite` first to drop a NaN site entirely and count it).
+  Per coordinate j, over the m_j usable values (sites with weight > 0 whose
+  entry j is not NaN): the median (the mean of the two middle values when m_j
+  is even); 0 where m_j = 0 (no update there). A NaN entry is a missing value
+  at that coordinate, not a vote (use `reject_nonfinite` first to drop a site
+  with any NaN or inf entry entirely and count it). +-inf entries are values
+  like any other (a minority of them cannot move the median).
+
+  Args:
+    (none) updates `[C, ...]`, weights `[C]` (only w > 0 matters).
+
+  Returns:
+    An Aggregator; metrics num_aggregated (sites with weight > 0, int32).
   """
 
   def aggregate(updates, weights, state, key, context):
@@ -207,22 +231,40 @@ def coordinate_median() -> Aggregator:
 
 
 def _trimmed(u: jax.Array, valid: jax.Array, trim_fraction: float) -> jax.Array:
-  m = jnp.sum(valid, dtype=jnp.int32)
-  b = jnp.floor(trim_fraction * m.astype(jnp.float32)).astype(jnp.int32)
-  sorted_u = jnp.sort(jnp.where(_rows(valid, u), u, jnp.inf), axis=0)
-  rank = jnp.arange(u.shape[0], dtype=jnp.int32)
+  c = u.shape[0]
+  usable = _usable(u, valid)
+  m = jnp.sum(usable, axis=0, dtype=jnp.int32)                       # [...] per coordinate
+  # b = floor(beta m) for every possible m = 0..C, in Python float64 (static table).
+  b = jnp.asarray([math.floor(trim_fraction * k) for k in range(c + 1)], jnp.int32)[m]
+  # Padding (weight 0 or NaN) sorts after every real value, +inf included; the kept
+  # ranks [b, m - b) are real values only, so the padding never enters the sum.
+  sorted_u = jnp.sort(jnp.where(usable, u, jnp.inf), axis=0)
+  rank = jnp.arange(c, dtype=jnp.int32).reshape((-1,) + (1,) * (u.ndim - 1))
   keep = (rank >= b) & (rank < m - b)
-  total = jnp.sum(jnp.where(_rows(keep, u), sorted_u, 0.0), axis=0)
+  total = jnp.sum(jnp.where(keep, sorted_u, jnp.zeros((), u.dtype)), axis=0)
   kept = jnp.maximum(m - 2 * b, 1).astype(u.dtype)
-  return jnp.where(m > 0, total / kept, 0.0).astype(u.dtype)
+  return jnp.where(m > 0, total / kept, jnp.zeros((), u.dtype)).astype(u.dtype)
 
 
 def trimmed_mean(trim_fraction: float) -> Aggregator:
   """Coordinate-wise beta-trimmed mean over the sites with weight > 0 (unweighted).
 
-  Per coordinate: sort the m valid values, drop the b = floor(beta m) smallest
-  and b largest, average the m - 2b left (Yin et al. 2018). beta in [0, 0.5);
-  beta = 0 is the unweighted mean.
+  Per coordinate j: sort the m_j usable values (sites with weight > 0 whose
+  entry j is not NaN), drop the b_j = floor(beta m_j) smallest and b_j largest,
+  average the m_j - 2 b_j >= 1 left (Yin et al. 2018); 0 where m_j = 0 (no
+  update there). beta in [0, 0.5); beta = 0 is the unweighted mean of the
+  usable values. A NaN entry is a missing value at that coordinate (it is not
+  counted in m_j and never reaches the sum); use `reject_nonfinite` first to
+  drop a site with any NaN or inf entry entirely and count it. +-inf entries
+  are values: trimmed when beyond the b_j kept per side, otherwise they make
+  the mean +-inf (or NaN for +inf and -inf together), as the formula says.
+
+  Args:
+    trim_fraction: beta, a float in [0, 0.5).
+
+  Returns:
+    An Aggregator on updates `[C, ...]`, weights `[C]` (only w > 0 matters);
+    metrics num_aggregated (sites with weight > 0, int32).
   """
   try:
     beta = float(trim_fraction)

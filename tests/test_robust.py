@@ -1,4 +1,7 @@
-"""Robust aggregation: hand-computed small cases, then 4 hospitals + 3 faulty sites."""
+"""Robust aggregation: hand-computed small cases, float64 NumPy references, then 4
+hospitals + 3 faulty sites."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +99,127 @@ def test_bad_options():
     robust.norm_bound(0.0)
   with pytest.raises(ValueError, match="unknown fault"):
     robust.inject_faults({0: "zero"})
+
+
+# ----------------------------------------------------------------------------- NumPy references
+# float64 references written from the definitions, over the real sites only: a site
+# counts at a coordinate when its weight is > 0 and its entry there is not NaN (a NaN
+# entry is a missing value, see robust.py); no usable value -> 0 (no update).
+
+
+def np_trimmed_mean(u, w, beta):
+  """[C, D] -> [D]: per coordinate, np.sort the m usable values, drop floor(beta m) each side."""
+  u = np.asarray(u, np.float64)
+  out = np.zeros(u.shape[1])
+  for j in range(u.shape[1]):
+    vals = np.sort(u[(w > 0) & ~np.isnan(u[:, j]), j])
+    m = len(vals)
+    if m:
+      b = math.floor(beta * m)
+      with np.errstate(invalid="ignore"):    # +inf and -inf both kept: NaN, as the formula
+        out[j] = vals[b:m - b].mean()
+  return out
+
+
+def np_median(u, w):
+  u = np.asarray(u, np.float64)
+  out = np.zeros(u.shape[1])
+  for j in range(u.shape[1]):
+    vals = u[(w > 0) & ~np.isnan(u[:, j]), j]
+    if len(vals):
+      out[j] = np.median(vals)
+  return out
+
+
+C_MAX = 9
+
+
+def _random_case(rng, d=6, specials=True):
+  """[C_MAX, d] float32 updates and [C_MAX] weights: 0 to 9 weighted sites (one
+  compiled shape; the number of sites varies through the weights)."""
+  c = C_MAX
+  u = rng.normal(size=(c, d)).astype(np.float32) * 3
+  w = rng.choice([0.0, 1.0, 2.5], size=c, p=[0.3, 0.35, 0.35]).astype(np.float32)
+  if specials:
+    hit = rng.random((c, d))
+    u[hit < 0.12] = np.nan
+    u[(hit >= 0.12) & (hit < 0.17)] = np.inf
+    u[(hit >= 0.17) & (hit < 0.22)] = -np.inf
+    if rng.random() < 0.3:
+      u[rng.integers(c)] = np.nan            # a whole NaN site
+  return u, w
+
+
+# float32 sum of <= 9 values of |x| < 20 against float64: error < 9 * 2^-24 * 180 < 1e-4;
+# a leaked fill value (+inf) or NaN fails any finite tolerance.
+TOL = dict(rtol=1e-6, atol=1e-4)
+
+
+def test_trimmed_mean_with_a_nan_site_and_no_trim_is_not_the_fill():
+  """beta = 0 (b = 0) and one NaN site: the old code summed the +inf padding."""
+  u = {"a": jnp.array([[1.0, 4.0], [jnp.nan, 5.0], [3.0, jnp.nan]])}
+  out, _, _ = robust.trimmed_mean(0.0).aggregate(u, jnp.ones(3), (), KEY, ctx(3))
+  np.testing.assert_allclose(out["a"], np_trimmed_mean(u["a"], np.ones(3), 0.0), **TOL)
+  np.testing.assert_allclose(out["a"], [2.0, 4.5])
+  # also with an excluded (weight 0) site beside the NaN one, and every beta
+  u = {"a": jnp.array([[1.0], [jnp.nan], [3.0], [100.0], [-7.0]])}
+  w = np.array([1.0, 1.0, 1.0, 0.0, 1.0], np.float32)
+  for beta in (0.0, 0.2, 0.3, 0.45):
+    out, _, _ = robust.trimmed_mean(beta).aggregate(u, jnp.asarray(w), (), KEY, ctx(5))
+    assert np.all(np.isfinite(out["a"])), beta
+    np.testing.assert_allclose(out["a"], np_trimmed_mean(u["a"], w, beta), **TOL)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.2, 0.25, 0.34, 0.49])
+def test_trimmed_mean_against_numpy_sort(beta):
+  rng = np.random.default_rng(int(beta * 100))
+  red = jax.jit(robust.trimmed_mean(beta).aggregate)
+  for trial in range(40):
+    u, w = _random_case(rng, specials=trial % 4 != 0)
+    out, _, m = red({"a": jnp.asarray(u)}, jnp.asarray(w), (), KEY, ctx(C_MAX))
+    ref = np_trimmed_mean(u, w, beta)
+    np.testing.assert_allclose(np.asarray(out["a"], np.float64), ref,
+                               err_msg=f"beta {beta} trial {trial}\n{u}\n{w}", **TOL)
+    assert int(m["num_aggregated"]) == int(np.sum(w > 0))
+
+
+def test_coordinate_median_against_numpy():
+  rng = np.random.default_rng(7)
+  red = jax.jit(robust.coordinate_median().aggregate)
+  for trial in range(60):
+    u, w = _random_case(rng, specials=trial % 4 != 0)
+    out, _, _ = red({"a": jnp.asarray(u)}, jnp.asarray(w), (), KEY, ctx(C_MAX))
+    np.testing.assert_allclose(np.asarray(out["a"], np.float64), np_median(u, w),
+                               err_msg=f"trial {trial}\n{u}\n{w}", **TOL)
+  # a coordinate where every weighted site is NaN: no update there, like no site at all
+  u = {"a": jnp.array([[jnp.nan, 1.0], [jnp.nan, 2.0], [5.0, 3.0]])}
+  for red in (robust.coordinate_median(), robust.trimmed_mean(0.0), robust.trimmed_mean(0.3)):
+    out, _, _ = red.aggregate(u, jnp.array([1.0, 1.0, 0.0]), (), KEY, ctx(3))
+    np.testing.assert_array_equal(out["a"], [0.0, 1.5])
+
+
+def test_norm_bound_and_reject_nonfinite_against_numpy():
+  rng = np.random.default_rng(3)
+  bound = robust.norm_bound(2.0)
+  bound_apply, reject_apply = jax.jit(bound.apply), jax.jit(robust.reject_nonfinite().apply)
+  w = np.ones(C_MAX, np.float32)
+  for trial in range(10):
+    u = {"a": rng.normal(size=(C_MAX, 3)).astype(np.float32) * rng.uniform(0.1, 3),
+         "b": rng.normal(size=(C_MAX,)).astype(np.float32)}
+    out, _, _, _ = bound_apply(jax.tree_util.tree_map(jnp.asarray, u), jnp.asarray(w),
+                               bound.init(None), KEY, ctx(C_MAX))
+    flat = np.concatenate([u["a"].astype(np.float64), u["b"][:, None].astype(np.float64)], 1)
+    factor = np.minimum(1.0, 2.0 / np.sqrt((flat ** 2).sum(1)))   # M / max(||u||, M)
+    np.testing.assert_allclose(out["a"], u["a"] * factor[:, None], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["b"], u["b"] * factor, rtol=1e-5, atol=1e-6)
+    # reject_nonfinite: a row with any NaN/inf in any leaf -> update 0, weight 0
+    bad, _ = _random_case(rng, d=3)
+    out, w_out, _, m = reject_apply({"a": jnp.asarray(bad), "b": jnp.asarray(u["b"])},
+                                    jnp.asarray(w), (), KEY, ctx(C_MAX))
+    ok = np.isfinite(bad).all(1)
+    np.testing.assert_array_equal(out["a"], np.where(ok[:, None], bad, 0.0))
+    np.testing.assert_array_equal(w_out, np.where(ok, w, 0.0))
+    assert int(m["num_rejected"]) == int((~ok).sum())
 
 
 # ----------------------------------------------------------------------------- heart disease
