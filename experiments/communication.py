@@ -40,7 +40,9 @@ Outputs in --out:
   metric_vs_bytes.png, metric_vs_time.png (and curves.png, sites.png,
   metric_vs_wall_time.png) from fedjax_med.report.write_report
   --audit PATH  one tamper-evident JSONL round log for every run
-                (fedjax_med.audit; verify with fm.audit.verify(PATH))
+                (fedjax_med.audit; verify with fm.audit.verify(PATH)); the chain's
+                head is kept in PATH.head, and an existing log is never
+                overwritten (choose a new PATH for a new run)
 """
 
 from __future__ import annotations

@@ -12,7 +12,11 @@ methods are scored site by site, each site's model on its own test set).
 The 5 seeds of each strategy run as one compiled call (`fm.run_seeds`).
 
 Reported, as FLamby's paper: per strategy and seed, the metric on each site's
-test set and their unweighted mean over sites; mean +- std over seeds.
+test set and their unweighted mean over sites; mean +- std (ddof 1) over seeds.
+table.md also lists the site mean of every seed, with mean +- std (ddof 1) and
+median [min, max] over seeds, beside FLamby's published per-seed values
+(FLAMBY_SITE_MEAN, from FLamby's result CSVs): a mean over 5 seeds can hide one
+collapsed seed (FLamby's TCGA-BRCA FedAvg: four seeds near 0.81, one at 0.41).
 "pooled" is FLamby's "Pooled Test" (all test rows; for heart disease with the
 pooled train statistics, as FLamby's pooled test set). Outputs in --out:
 results.json (tidy records), table.md, <dataset>.png (bar plot with error bars).
@@ -84,6 +88,46 @@ TCGA = Protocol(
     fedadagrad=(1e-2, 1.0), finetune=(0.1, 3),
     nova_epochs=5)                # 5 local epochs: 25..155 steps, mean ~93
 PROTOCOLS = {"heart_disease": HEART, "tcga_brca": TCGA}
+
+# FLamby's published results, per seed: the unweighted mean of the metric over the client
+# test sets ("Pooled Test" rows left out, as flamby/results/plot_results.py does), 6
+# decimals. Source: github.com/owkin/FLamby at edacf54 (2024-06-19),
+# flamby/results/results_benchmark_fed_heart_disease/heart_seed4[2-6].csv and
+# flamby/results/results_benchmark_fed_tcga_brca/tcga_seed4[2-6].csv (methods "Pooled
+# Training", "Local i", "<Strategy>100"); computed from those files, not retyped.
+FLAMBY_SEEDS = (42, 43, 44, 45, 46)
+FLAMBY_SITE_MEAN = {
+    "heart_disease": {
+        "pooled": (0.739142, 0.734334, 0.736738, 0.734334, 0.731930),
+        "local_0": (0.709436, 0.732678, 0.693811, 0.748303, 0.726374),
+        "local_1": (0.628480, 0.630933, 0.633288, 0.648962, 0.602087),
+        "local_2": (0.626787, 0.610116, 0.496351, 0.585895, 0.515716),
+        "local_3": (0.674655, 0.606697, 0.655242, 0.585174, 0.661434),
+        "fedavg": (0.691492, 0.719848, 0.642743, 0.694287, 0.676468),
+        "fedprox": (0.691492, 0.719848, 0.642743, 0.694287, 0.676468),
+        "scaffold": (0.689088, 0.719848, 0.642743, 0.691883, 0.676468),
+        "cyclic": (0.723971, 0.729464, 0.675097, 0.752768, 0.708688),
+        "fedadam": (0.721162, 0.711484, 0.746130, 0.732210, 0.716710),
+        "fedyogi": (0.723971, 0.719443, 0.751343, 0.735019, 0.727073),
+        "fedadagrad": (0.723971, 0.719443, 0.751343, 0.735019, 0.727073),
+    },
+    "tcga_brca": {
+        "pooled": (0.779762, 0.740797, 0.617348, 0.697019, 0.544810),
+        "local_0": (0.775394, 0.679090, 0.705430, 0.729675, 0.751631),
+        "local_1": (0.760422, 0.691919, 0.747026, 0.754662, 0.794034),
+        "local_2": (0.524049, 0.466062, 0.481128, 0.524306, 0.492763),
+        "local_3": (0.621609, 0.649358, 0.770328, 0.629017, 0.610596),
+        "local_4": (0.735029, 0.757165, 0.687950, 0.691127, 0.689328),
+        "local_5": (0.685979, 0.692850, 0.694788, 0.702023, 0.680963),
+        "fedavg": (0.811661, 0.408145, 0.814844, 0.820290, 0.804733),
+        "fedprox": (0.798743, 0.429584, 0.807501, 0.828282, 0.781054),
+        "scaffold": (0.689913, 0.710344, 0.657750, 0.731682, 0.644767),
+        "cyclic": (0.698463, 0.673617, 0.674422, 0.585796, 0.658864),
+        "fedadam": (0.807315, 0.776870, 0.840797, 0.836208, 0.814580),
+        "fedyogi": (0.807315, 0.776870, 0.840797, 0.836208, 0.814580),
+        "fedadagrad": (0.819511, 0.816264, 0.808789, 0.808953, 0.811050),
+    },
+}
 
 
 @dataclasses.dataclass
@@ -226,15 +270,52 @@ def summary(records: list[dict], dataset: str, metric: str) -> str:
   return fm.report.summary_table(rs, metric, "test", ["mean", "pooled"] + sites, strategies)
 
 
+def site_mean_values(records: list[dict], dataset: str, metric: str
+                     ) -> dict[str, dict[int, float]]:
+  """{strategy: {seed: site-mean `metric`}} from the tidy records (site "mean")."""
+  out: dict[str, dict[int, float]] = {}
+  for r in records:
+    if (r["dataset"] == dataset and r["site"] == "mean" and r["metric"] == metric
+        and r["value"] is not None):
+      out.setdefault(r["strategy"], {})[int(r["seed"])] = float(r["value"])
+  return {s: dict(sorted(out[s].items())) for s in ORDER if s in out}
+
+
+def _spread(values) -> str:
+  """"mean ± std (ddof 1) | median [min, max]" of per-seed values."""
+  v = np.asarray(values, np.float64)
+  std = f"{v.std(ddof=1):.3f}" if v.size > 1 else "-"
+  return (f"{v.mean():.3f} ± {std} | {np.median(v):.3f} [{v.min():.3f}, {v.max():.3f}]")
+
+
+def seed_table(records: list[dict], dataset: str, metric: str) -> str:
+  """Markdown: per strategy, the site-mean `metric` of every seed, then mean ± std
+  (ddof 1) and median [min, max] over seeds, ours and FLamby's (FLAMBY_SITE_MEAN)."""
+  ours = site_mean_values(records, dataset, metric)
+  flamby = FLAMBY_SITE_MEAN.get(dataset, {})
+  seeds = sorted({seed for v in ours.values() for seed in v})
+  lines = [f"Site-mean {metric} per seed (ours: seeds {', '.join(map(str, seeds))};"
+           f" FLamby: seeds {', '.join(map(str, FLAMBY_SEEDS))}); std over seeds with ddof 1.",
+           "",
+           "| strategy | ours per seed | ours mean ± std | ours median [min, max]"
+           " | FLamby per seed | FLamby mean ± std | FLamby median [min, max] |",
+           "|---|---|---|---|---|---|---|"]
+  for name, by_seed in ours.items():
+    per_seed = " ".join(f"{by_seed[s]:.3f}" if s in by_seed else "-" for s in seeds)
+    ref = flamby.get(name)
+    ref_cells = (f"{' '.join(f'{x:.3f}' for x in ref)} | {_spread(ref)}" if ref
+                 else "- | - | -")
+    lines.append(f"| {name} | {per_seed} | {_spread(list(by_seed.values()))} | {ref_cells} |")
+  return "\n".join(lines)
+
+
 def site_mean_bars(records: list[dict], dataset: str, metric: str):
   """(strategies, means, stds): site-mean `metric`, mean and std (ddof 1) over seeds."""
-  rs = [r for r in records
-        if r["dataset"] == dataset and r["site"] == "mean" and r["metric"] == metric]
-  names = [s for s in ORDER if any(r["strategy"] == s for r in rs)]
-  values = [np.array([r["value"] for r in rs if r["strategy"] == s and r["value"] is not None])
-            for s in names]
-  means = [v.mean() if v.size else np.nan for v in values]
-  stds = [v.std(ddof=1) if v.size > 1 else 0.0 for v in values]
+  values = site_mean_values(records, dataset, metric)
+  names = list(values)
+  arrays = [np.array(list(values[s].values())) for s in names]
+  means = [v.mean() if v.size else np.nan for v in arrays]
+  stds = [v.std(ddof=1) if v.size > 1 else 0.0 for v in arrays]
   return names, means, stds
 
 
@@ -287,7 +368,8 @@ def main(argv=None) -> int:
     records += run_dataset(p, seeds, rounds, epochs, updates, progress=not args.quiet)
     texts.append(f"## {d}: {p.metric}, {rounds} rounds x {updates} local updates,"
                  f" baselines {epochs} epochs; seeds {seeds}"
-                 f" ({time.perf_counter() - t0:.0f} s)\n\n" + summary(records, d, p.metric))
+                 f" ({time.perf_counter() - t0:.0f} s)\n\n" + summary(records, d, p.metric)
+                 + "\n\n" + seed_table(records, d, p.metric))
     bar_plot(records, d, p.metric, os.path.join(args.out, f"{d}.png"))
   elapsed = time.perf_counter() - start
   fm.report.save_records(records, args.out)
