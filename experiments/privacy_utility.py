@@ -16,8 +16,17 @@ to target epsilons (delta = 1e-5) with dp-accounting, plus sigma = 0
                   smallest site, Switzerland, q = b / 30) meets the target; every
                   other site's epsilon_k is smaller and is reported too.
   site_level      DP-FedAvg (fedjax_med.privacy.dp_fedavg): each hospital's update
-                  clipped to C, N(0, (sigma C)^2) on the sum, divided by K = 4;
-                  one epsilon for every site (neighbours differ by a whole site).
+                  clipped to C, N(0, (sigma C)^2) on the sum, divided by K = 4,
+                  every site every round; one epsilon for every site under
+                  replace-one-site neighbours (K = 4 public; the sum moves by up
+                  to 2C, so each round is Gaussian(sigma / 2)): sigma is
+                  calibrated on exactly the event `SiteLevelAccountant` reports.
+
+Every sigma is rounded up to the nearest float32 (the precision of the traced
+noise multiplier the round applies), so the accounted sigma is the applied one
+and epsilon stays <= the target. The epsilons are recomputed after training
+from what ran: the steps each site took (patient level) and the noise
+multiplier of every round from the round metrics (site level).
 
 The seeds and noise levels of each level run as one compiled call
 (`fm.run_seeds` over states that differ only in their traced sigma).
@@ -25,8 +34,11 @@ The seeds and noise levels of each level run as one compiled call
 Outputs in --out: results.json (tidy records; strategy "<level>(eps=<target>)"
 or "<level>(eps=inf)"; metrics accuracy and auc per site/mean/pooled on train
 and test, `epsilon` per site (+ "max") on split "train", `noise_multiplier`
-on site "all"; an infinite epsilon is stored as null), table.md and privacy_utility.png (site-mean test accuracy
-against epsilon, mean +- std over seeds).
+on site "all"; an infinite epsilon is stored as null; every epsilon record has
+one more field, `neighboring_relation`: "add_or_remove_one" (one patient,
+patient level) or "replace_one" (one site, site level)), table.md and
+privacy_utility.png (site-mean test accuracy against epsilon, mean +- std over
+seeds).
 """
 
 from __future__ import annotations
@@ -48,6 +60,11 @@ from fedjax_med import privacy
 
 DATASET = "heart_disease"
 LEVELS = ("patient_level", "site_level")
+# The neighbouring relation of each level's epsilon: the relation its accountant
+# reports (PatientLevelAccountant: one patient added or removed; SiteLevelAccountant's
+# default for every site every round: one site replaced).
+RELATIONS = {"patient_level": privacy.accounting.ADD_OR_REMOVE_ONE,
+             "site_level": privacy.accounting.REPLACE_ONE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +96,29 @@ def strategy_name(level: str, target: float) -> str:
   return f"{level}(eps={'inf' if math.isinf(target) else f'{target:g}'})"
 
 
+def _float32_up(sigma: float) -> float:
+  """The smallest float32 >= sigma (the traced noise multiplier is float32;
+  rounding it down would add less noise than accounted)."""
+  s32 = np.float32(sigma)
+  if float(s32) < sigma:
+    s32 = np.nextafter(s32, np.float32(np.inf))
+  return float(s32)
+
+
+def _site_accountant(config: Config) -> privacy.SiteLevelAccountant:
+  """The site-level accountant of the experiment's DP-FedAvg (every site, every round)."""
+  return privacy.SiteLevelAccountant(config.delta, accountant=config.accountant,
+                                     neighboring_relation=RELATIONS["site_level"])
+
+
 def _noise_levels(config: Config, level: str, num_examples: np.ndarray) -> list[tuple[float, float]]:
-  """[(target epsilon, sigma)] calibrated with dp-accounting, plus (inf, 0)."""
+  """[(target epsilon, sigma)] calibrated with dp-accounting, plus (inf, 0).
+
+  Patient level: T = rounds x local steps Poisson-sampled Gaussian steps at the
+  largest q_k (add/remove one patient). Site level: `site_rounds` rounds under
+  the relation and participation of `_site_accountant` (replace one site,
+  every site every round: Gaussian(sigma / 2) per round).
+  """
   out = []
   for target in config.epsilons:
     if level == "patient_level":
@@ -90,10 +128,13 @@ def _noise_levels(config: Config, level: str, num_examples: np.ndarray) -> list[
           target, config.delta, num_steps=config.patient_rounds * config.patient_local_steps,
           sampling_rate=q_max, accountant=config.accountant, tol=1e-3)
     else:
+      acct = _site_accountant(config)
       sigma = privacy.calibrate_noise_multiplier(
-          target, config.delta, num_steps=config.site_rounds, accountant=config.accountant,
-          tol=1e-3)
-    out.append((target, sigma))
+          target, config.delta, num_steps=config.site_rounds,
+          sampling_rate=acct.sampling_rate, num_sites=acct.num_sites,
+          cohort_size=acct.cohort_size, neighboring_relation=acct.neighboring_relation,
+          accountant=acct.accountant, tol=1e-3)
+    out.append((target, _float32_up(sigma)))
   out.append((math.inf, 0.0))
   return out
 
@@ -117,18 +158,46 @@ def _with_sigma(level: str, state, sigma: float):
   return privacy.set_aggregator_hparams(state, noise_multiplier=sigma)
 
 
-def _site_epsilons(config: Config, level: str, sigma: float, train, client_steps) -> np.ndarray:
-  """epsilon_k from dp-accounting for the steps each site actually took."""
+def _site_epsilons(config: Config, level: str, sigma: float, train,
+                   history: dict) -> tuple[np.ndarray, str]:
+  """(epsilon_k `[K]`, neighbouring relation) from dp-accounting for what ran.
+
+  Patient level: the steps each site actually took (`client_steps`, [R, K]).
+  Site level: one round per entry of the round metric `dp_noise_multiplier`
+  ([R], the float32 sigma each round applied), fed to the accountant.
+  """
   if level == "patient_level":
     acct = privacy.PatientLevelAccountant(
         np.asarray(train.num_examples), config.delta,
         expected_batch_size=config.patient_expected_batch, accountant=config.accountant)
-    for k, steps in enumerate(np.asarray(client_steps).sum(axis=0)):
+    for k, steps in enumerate(np.asarray(history["client_steps"]).sum(axis=0)):
       acct.add_steps(k, sigma, int(steps))
-    return acct.epsilons()
-  acct = privacy.SiteLevelAccountant(config.delta, accountant=config.accountant)
-  acct.add_rounds(sigma, config.site_rounds)
-  return np.full(train.num_sites, acct.epsilon())
+    relation = acct.neighboring_relation
+    eps = acct.epsilons()
+  else:
+    acct = _site_accountant(config)
+    sigmas = np.asarray(history["dp_noise_multiplier"], np.float64).reshape(-1)
+    if sigmas.shape[0] != config.site_rounds or not np.all(sigmas == np.float32(sigma)):
+      raise RuntimeError(f"privacy_utility: the rounds applied noise multipliers {sigmas},"
+                         f" not {config.site_rounds} rounds of sigma {sigma}")
+    for s in sigmas:
+      acct.add_rounds(float(s))
+    report = acct.report()
+    relation = report["neighboring_relation"]
+    eps = np.full(train.num_sites, report["epsilon"])
+  if relation != RELATIONS[level]:
+    raise RuntimeError(f"privacy_utility: {level} accountant reports relation {relation!r},"
+                       f" expected {RELATIONS[level]!r}")
+  return eps, relation
+
+
+def _save_records(records: list[dict], out_dir: str) -> str:
+  """results.json through `fm.report.save_records` (which requires
+  `neighboring_relation` on every epsilon record), after checking the relation is known."""
+  for r in records:
+    if r["metric"] == "epsilon" and r["neighboring_relation"] not in privacy.accounting.RELATIONS:
+      raise ValueError(f"privacy_utility: record {r} has an unknown neighbouring relation")
+  return fm.report.save_records(records, out_dir)
 
 
 def run(config: Config, out_dir: str, log=print) -> list[dict]:
@@ -164,16 +233,18 @@ def run(config: Config, out_dir: str, log=print) -> list[dict]:
           report = {s: {"accuracy": float("nan"), "auc": float("nan")}
                     for s in list(names) + ["mean", "pooled"]}
         records += fm.report.records_from_report(DATASET, strategy, seed, split, report)
-      eps = _site_epsilons(config, level, sigma, train, history["client_steps"][i])
+      eps, relation = _site_epsilons(config, level, sigma, train,
+                                     jax.tree_util.tree_map(lambda a: a[i], history))
       eps_report = {name: {"epsilon": float(e)} for name, e in zip(names, eps)}
       eps_report["max"] = {"epsilon": float(np.max(eps))}
       # epsilon = inf (sigma = 0) is stored as null, like every non-finite value
-      records += fm.report.records_from_report(DATASET, strategy, seed, "train", eps_report)
+      records += [{**r, "neighboring_relation": relation} for r in
+                  fm.report.records_from_report(DATASET, strategy, seed, "train", eps_report)]
       records.append({"dataset": DATASET, "strategy": strategy, "seed": int(seed),
                       "site": "all", "split": "train", "metric": "noise_multiplier",
                       "value": float(sigma)})
     log(f"{level}: {len(index)} runs x {rounds} rounds in {time.perf_counter() - start:.1f} s")
-  fm.report.save_records(records, out_dir)
+  _save_records(records, out_dir)
   return records
 
 
@@ -187,7 +258,11 @@ def tables(records: list[dict], site_names) -> str:
   eps = fm.report.summary_table(records, "epsilon", "train", list(site_names) + ["max"],
                                 strategies, digits=2)
   sig = fm.report.summary_table(records, "noise_multiplier", "train", ["all"], strategies)
-  return (acc + "\n\n" + eps + "\n\n(epsilon = n/a: sigma = 0, epsilon = inf)\n\n" + sig)
+  relations = sorted({(r["strategy"].split("(")[0], r["neighboring_relation"])
+                      for r in records if r["metric"] == "epsilon"})
+  note = ("(epsilon = n/a: sigma = 0, epsilon = inf; neighbouring relation: "
+          + ", ".join(f"{level} {rel}" for level, rel in relations) + ")")
+  return acc + "\n\n" + eps + "\n\n" + note + "\n\n" + sig
 
 
 def curve(records: list[dict], level: str):
@@ -219,8 +294,8 @@ def plot(records: list[dict], path: str) -> None:
 
   fig, ax = plt.subplots(figsize=(6.5, 4))
   colors = {"patient_level": "tab:blue", "site_level": "tab:red"}
-  labels = {"patient_level": "patient-level DP-SGD (max site epsilon)",
-            "site_level": "site-level DP-FedAvg"}
+  labels = {"patient_level": "patient-level DP-SGD (max site epsilon, add/remove a patient)",
+            "site_level": "site-level DP-FedAvg (replace a site)"}
   for level in LEVELS:
     pts = curve(records, level)
     finite = [p for p in pts if math.isfinite(p[0])]

@@ -19,6 +19,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 RECORD_FIELDS = ("dataset", "strategy", "seed", "site", "split", "metric", "value")
+# Fields a record may carry beside RECORD_FIELDS: the neighbouring relation of an
+# epsilon record ("add_or_remove_one" / "replace_one"), without which an epsilon
+# has no meaning.
+OPTIONAL_FIELDS = ("neighboring_relation",)
 
 
 def records_from_report(dataset: str, strategy: str, seed: int, split: str,
@@ -40,8 +44,15 @@ def save_records(records: Sequence[dict[str, Any]], out_dir: str,
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, filename)
   for r in records:
-    if tuple(sorted(r)) != tuple(sorted(RECORD_FIELDS)):
-      raise ValueError(f"save_records: record {r} does not have the fields {RECORD_FIELDS}")
+    missing = set(RECORD_FIELDS) - set(r)
+    extra = set(r) - set(RECORD_FIELDS) - set(OPTIONAL_FIELDS)
+    if missing or extra:
+      raise ValueError(f"save_records: record {r} must have the fields {RECORD_FIELDS}"
+                       f" (optionally {OPTIONAL_FIELDS}); missing {sorted(missing)},"
+                       f" unknown {sorted(extra)}")
+    if r["metric"] == "epsilon" and "neighboring_relation" not in r:
+      raise ValueError(f"save_records: epsilon record {r} has no neighboring_relation;"
+                       " an epsilon means nothing without it")
   with open(path, "w") as f:
     json.dump(list(records), f, indent=1)
   return path
@@ -89,7 +100,7 @@ def summary_table(records: Iterable[dict[str, Any]], metric: str, split: str = "
   return "\n".join(lines)
 
 
-__all__ = ["RECORD_FIELDS", "records_from_report", "save_records", "load_records",
+__all__ = ["RECORD_FIELDS", "OPTIONAL_FIELDS", "records_from_report", "save_records", "load_records",
            "summary_table"]
 
 
@@ -125,10 +136,22 @@ HISTORY_FIELDS = RECORD_FIELDS + ("round",)
 _BYTE_METRICS = ("bytes_up_total", "bytes_down_total", "bytes_total", "bytes_reference_total")
 
 
-def run_records(dataset: str, strategy: str, seed: int,
-                values: dict[str, Any]) -> list[dict[str, Any]]:
-  """Run-level numbers (bytes, times, epsilon) as records at site "all", split "train"."""
-  return records_from_report(dataset, strategy, seed, RUN_SPLIT, {RUN_SITE: values})
+def run_records(dataset: str, strategy: str, seed: int, values: dict[str, Any],
+                neighboring_relation: str | None = None) -> list[dict[str, Any]]:
+  """Run-level numbers (bytes, times, epsilon) as records at site "all", split "train".
+
+  An "epsilon" value needs its `neighboring_relation` (e.g. the accountant's
+  `report()["neighboring_relation"]`); it is stored on the epsilon record.
+  """
+  records = records_from_report(dataset, strategy, seed, RUN_SPLIT, {RUN_SITE: values})
+  if "epsilon" in values:
+    if neighboring_relation is None:
+      raise ValueError("run_records: an epsilon needs its neighboring_relation"
+                       " ('add_or_remove_one' or 'replace_one')")
+    for r in records:
+      if r["metric"] == "epsilon":
+        r["neighboring_relation"] = neighboring_relation
+  return records
 
 
 def history_records(dataset: str, strategy: str, seed: int, series: dict[str, Any],

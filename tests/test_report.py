@@ -21,13 +21,16 @@ def _records():
                                                  "wall_time_s": 2.0, "time_to_target": 10.0})
     out += report.run_records("toy", "B", seed, {"bytes_total": 250, "bytes_up_total": 100,
                                                  "wall_time_s": 4.0, "epsilon": 1.5,
-                                                 "time_to_target": 5.0 if seed == 0 else None})
+                                                 "time_to_target": 5.0 if seed == 0 else None},
+                                      neighboring_relation="replace_one")
   return out
 
 
 def test_run_records_keep_the_record_schema(tmp_path):
   records = _records()
-  assert all(set(r) == set(report.RECORD_FIELDS) for r in records)
+  assert all(set(r) == set(report.RECORD_FIELDS) | ({"neighboring_relation"}
+                                                    if r["metric"] == "epsilon" else set())
+             for r in records)
   path = report.save_records(records, str(tmp_path))
   assert report.load_records(path) == records
   run = [r for r in records if r["metric"] == "bytes_total"]
@@ -135,3 +138,13 @@ def test_cli_main(tmp_path, capsys):
   report.save_records(_records(), str(tmp_path))
   assert report.main([str(tmp_path / "results.json"), "--reference", "A"]) == 0
   assert "bytes vs A" in capsys.readouterr().out
+
+
+def test_an_epsilon_never_travels_without_its_neighbouring_relation(tmp_path):
+  with pytest.raises(ValueError, match="neighboring_relation"):
+    report.run_records("toy", "A", 0, {"epsilon": 1.0})
+  bare = report.records_from_report("toy", "A", 0, "train", {"all": {"epsilon": 1.0}})
+  with pytest.raises(ValueError, match="no neighboring_relation"):
+    report.save_records(bare, str(tmp_path))
+  with pytest.raises(ValueError, match="unknown"):
+    report.save_records([{**bare[0], "neighboring_relation": "x", "colour": 1}], str(tmp_path))

@@ -130,9 +130,15 @@ Two levels of differential privacy on Fed-Heart-Disease:
 
 * **patient-level** (DP-SGD inside each hospital): each site Poisson-samples its patients,
   clips every patient's gradient and adds Gaussian noise; every site has its own
-  $\\varepsilon$, computed by Google's `dp-accounting`.
+  $\\varepsilon$, computed by Google's `dp-accounting`, for neighbouring datasets that
+  differ by adding or removing one patient.
 * **site-level** (DP-FedAvg): each hospital's whole update is clipped and the server adds
-  noise to the sum, protecting the participation of an entire site.
+  noise to the sum, protecting the data of an entire site; its $\\varepsilon$ is for
+  neighbouring federations that differ in one hospital's data (replace one site, the
+  number of sites public).
+
+Every $\\varepsilon$ is printed with its neighbouring relation: the same number means
+different guarantees under different relations.
 
 Client sampling and weighting effects appear along the way.
 """),
@@ -190,20 +196,25 @@ plt.show()
 
 Each hospital's update is clipped to norm C and the server adds N(0, (sigma C)^2) to the
 sum, divided by a fixed denominator (weighting by $n_k$ would let one site's presence
-change every other site's weight, breaking the sensitivity bound). With only 4 sites,
-hiding a whole hospital is expensive: epsilon stays large at useful accuracy
-(`experiments/privacy_utility.py` sweeps it; client sampling, `cohort_size`, amplifies).
+change every other site's weight, breaking the sensitivity bound). `SiteLevelAccountant`
+reads sigma from every round's metrics and reports epsilon with its neighbouring
+relation: by default "replace_one" (one hospital's data replaced, K = 4 public; the sum
+moves by up to 2C, so each round is a Gaussian mechanism with multiplier sigma / 2).
+With only 4 sites, hiding a whole hospital is expensive: epsilon stays large at useful
+accuracy (`experiments/privacy_utility.py` sweeps it; client sampling, `cohort_size`,
+amplifies).
 """),
     ("code", """
 for sigma in (0.0, 0.5, 1.0):
     algo = privacy.dp_fedavg(loss_fn, clip_norm=0.5, noise_multiplier=sigma, num_sites=4,
                              client_optimizer=optax.sgd(0.05), local_epochs=1, batch_size=4)
+    accountant = privacy.SiteLevelAccountant(delta)  # every site every round, replace one
     state, _ = fm.run_rounds(algo, algo.init(params, 4), train, 20, jax.random.PRNGKey(2),
-                             progress=False)
+                             progress=False, callback=accountant)
     acc = fm.evaluation.binary_report(model.apply, state.params, test)["mean"]["accuracy"]
-    eps = (float("inf") if sigma == 0 else
-           privacy.epsilon(privacy.site_level_event(sigma, 20), delta))
-    print(f"sigma {sigma}: site-level epsilon {eps:.2f}, accuracy {acc:.3f}")
+    spent = accountant.report()  # {epsilon, delta, neighboring_relation, accountant}
+    print(f"sigma {sigma}: site-level epsilon {spent['epsilon']:.2f}"
+          f" ({spent['neighboring_relation']}, delta {spent['delta']:g}), accuracy {acc:.3f}")
 """),
     ("md", """
 ## Weighting and sampling without DP
