@@ -116,7 +116,8 @@ def regression_report(apply_fn: Callable, params: Any, data: FederatedData,
     raise ValueError(f"regression_report: data.y must be [K, N_max] or [K, N_max, 1],"
                      f" got shape {tuple(data.y.shape)}")
   preds = site_outputs(apply_fn, params, data, per_site_params)
-  preds = [p.reshape(p.shape[0], -1) for p in preds]
+  # Explicit widths: an empty site's [0, ...] cannot be reshaped with -1.
+  preds = [p.reshape(p.shape[0], int(np.prod(p.shape[1:], dtype=np.int64))) for p in preds]
   if preds[0].shape[1] != 1:
     raise ValueError(f"regression_report: the model must output one value per row,"
                      f" got {preds[0].shape[1]}")

@@ -111,7 +111,9 @@ def _fedper_round(config: FedPerConfig, state, data, key):
                            opt_state, x_k, y_k, mask_k, key_k)
     delta = jax.tree_util.tree_map(
         lambda m, a, b: jnp.zeros_like(a) if m else a - b, mask, w, local.params)
-    return delta, (local.params, local.num_steps, local.mean_loss)
+    # Store only the personal leaves: the shared ones of the stored copy are never
+    # read (personalize takes them from w), and an empty site keeps its state.
+    return delta, (merge(mask, own_k, local.params), local.num_steps, local.mean_loss)
 
   delta, (own, steps, losses), aggregator_state, agg_metrics = chunking.aggregate_clients(
       client_update, (cohort.data.x, cohort.data.y, cohort.data.mask,
