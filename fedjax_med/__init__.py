@@ -28,6 +28,7 @@ from fedjax_med import robust
 from fedjax_med import segmentation
 from fedjax_med import sharding
 from fedjax_med.core import aggregation as aggregators
+from fedjax_med.core import kit
 from fedjax_med.core.aggregation import Aggregator, ClientTransform, client_weights
 from fedjax_med.core.algorithm import FederatedAlgorithm
 from fedjax_med.core.federated_data import FederatedData
@@ -43,7 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "algorithms", "audit", "checkpoint", "compression", "datasets", "evaluation",
     "evaluation_tasks", "losses", "metrics", "models", "optimizers", "partition", "privacy",
-    "report", "robust", "segmentation", "sharding",
+    "kit", "report", "robust", "segmentation", "sharding",
     "aggregators", "Aggregator", "ClientTransform", "client_weights",
     "FederatedAlgorithm", "FederatedData", "LocalSchedule", "epoch_permutation",
     "batch_loss", "masked_mean_loss", "site_objectives", "site_weights",

@@ -50,11 +50,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_med.algorithms.fedavg import COMMON_OPTIONS, SGD_LR_1, build_fedavg_family
 from fedjax_med.core import aggregation as agg
+from fedjax_med.core import kit
+from fedjax_med.core.kit import COMMON_OPTIONS, SGD_LR_1
 from fedjax_med.core.algorithm import FederatedAlgorithm
 from fedjax_med.core.options import OptionError, check_optimizer, reject_unknown
 from fedjax_med.core.state import injected_hyperparams
+from fedjax_med.core.tree import tree_l2_norm
 
 # Probe of the client optimizer: start point and gradients (rows), chosen with
 # unequal magnitudes and signs so that sign-based, normalised, clipped or
@@ -79,6 +81,27 @@ class HeavyBallNormalizer:
     rho = client_hparams["momentum"] if self.traced else jnp.float32(self.momentum)
     return momentum_normalizer(jnp.atleast_1d(steps), rho, max_steps).reshape(
         jnp.shape(steps))
+
+
+def fednova_client_update(ctx: kit.ClientContext, params, client_state, data, key):
+  """FedAvg's client, sending d_k = Delta_k / ||a_k||_1 and ||a_k||_1 (a site that
+  took no step has Delta_k = 0)."""
+  del client_state
+  local = kit.local_training(ctx, params, data, key)
+  max_steps = ctx.config.schedule.num_scan_steps(data.mask.shape[0])
+  norm = ctx.config.static(local.num_steps, ctx.client_hparams, max_steps)
+  update = jax.tree_util.tree_map(
+      lambda a, b: (a - b) / jnp.maximum(norm, 1.0).astype(a.dtype), params, local.params)
+  return kit.ClientResult(update, values={"num_steps": local.num_steps,
+                                          "mean_loss": local.mean_loss, "norm": norm})
+
+
+def fednova_server_update(ctx: kit.ServerContext, state, aggregate, values):
+  """Delta = tau_eff sum_k p_k d_k, tau_eff = sum_k p_k ||a_k||_1, then the server optimizer."""
+  tau_eff = jnp.sum(kit.normalized_weights(ctx) * values["norm"])
+  delta = jax.tree_util.tree_map(lambda d: tau_eff.astype(d.dtype) * d, aggregate)
+  result = kit.apply_server_update(ctx, state, delta, values)
+  return result._replace(metrics={"tau_eff": tau_eff, "update_norm": tree_l2_norm(delta)})
 
 
 def heavy_ball_probe(client_optimizer: optax.GradientTransformation):
@@ -177,14 +200,17 @@ def fednova(loss_fn, *, client_optimizer: optax.GradientTransformation,
   reject_unknown("fednova", unknown_options, COMMON_OPTIONS)
   client_optimizer = check_optimizer("fednova", "client_optimizer", client_optimizer)
   rho, traced = _check_client_optimizer(client_optimizer)
-  return build_fedavg_family(
-      "fednova", loss_fn, client_optimizer=client_optimizer,
+  return kit.build_algorithm(
+      "fednova", loss_fn, client_update=fednova_client_update,
+      server_update=fednova_server_update,
+      static=HeavyBallNormalizer(momentum=rho, traced=traced),
+      client_optimizer=client_optimizer,
       server_optimizer=server_optimizer, local_epochs=local_epochs,
       local_steps=local_steps, batch_size=batch_size, weighting=weighting,
       aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size, sampling=sampling,
       gradient_estimator=gradient_estimator, downlink=downlink,
-      client_chunk_size=client_chunk_size,
-      normalizer=HeavyBallNormalizer(momentum=rho, traced=traced))
+      client_chunk_size=client_chunk_size)
 
 
-__all__ = ["fednova", "HeavyBallNormalizer", "momentum_normalizer", "heavy_ball_probe"]
+__all__ = ["fednova", "fednova_client_update", "fednova_server_update",
+           "HeavyBallNormalizer", "momentum_normalizer", "heavy_ball_probe"]

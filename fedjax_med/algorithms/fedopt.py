@@ -15,7 +15,8 @@ import functools
 import optax
 
 from fedjax_med import optimizers
-from fedjax_med.algorithms.fedavg import COMMON_OPTIONS, build_fedavg_family
+from fedjax_med.core import kit
+from fedjax_med.core.kit import COMMON_OPTIONS
 from fedjax_med.core import aggregation as agg
 from fedjax_med.core.algorithm import FederatedAlgorithm
 from fedjax_med.core.options import reject_unknown
@@ -42,7 +43,7 @@ def _build(name, adaptivity, loss_fn, client_optimizer, server_learning_rate, be
   # Validates the values (raises OptionError on a bad beta or tau).
   optimizers.scale_by_fedopt(adaptivity, beta1, beta2, tau, initial_accumulator_value)
   server = _server_transform(adaptivity, float(initial_accumulator_value))
-  algo = build_fedavg_family(name, loss_fn, client_optimizer=client_optimizer,
+  algo = kit.build_algorithm(name, loss_fn, client_optimizer=client_optimizer,
                              server_optimizer=server, **common)
   values = {"learning_rate": server_learning_rate, "beta1": beta1, "beta2": beta2,
             "tau": tau}

@@ -15,10 +15,20 @@ from __future__ import annotations
 
 import optax
 
-from fedjax_med.algorithms.fedavg import COMMON_OPTIONS, SGD_LR_1, build_fedavg_family
 from fedjax_med.core import aggregation as agg
+from fedjax_med.core import kit
 from fedjax_med.core.algorithm import FederatedAlgorithm
+from fedjax_med.core.kit import COMMON_OPTIONS, SGD_LR_1
 from fedjax_med.core.options import check_nonnegative_float, reject_unknown
+
+
+def fedprox_client_update(ctx: kit.ClientContext, params, client_state, data, key):
+  """FedAvg's client on the proximal objective F_k(w) + (mu / 2) ||w - w_global||^2."""
+  del client_state
+  grad_fn = kit.proximal(kit.gradient_fn(ctx), ctx.hparams["mu"], params)
+  local = kit.local_training(ctx, params, data, key, grad_fn=grad_fn)
+  return kit.ClientResult(kit.pseudo_gradient(params, local.params),
+                          values={"num_steps": local.num_steps, "mean_loss": local.mean_loss})
 
 
 def fedprox(loss_fn, *, mu: float, client_optimizer: optax.GradientTransformation,
@@ -32,14 +42,14 @@ def fedprox(loss_fn, *, mu: float, client_optimizer: optax.GradientTransformatio
   """Builds FedProx; arguments as `fedavg`, plus `mu >= 0`, the proximal weight."""
   reject_unknown("fedprox", unknown_options, COMMON_OPTIONS + ("mu",))
   mu = check_nonnegative_float("fedprox", "mu", mu)
-  return build_fedavg_family(
-      "fedprox", loss_fn, client_optimizer=client_optimizer,
+  return kit.build_algorithm(
+      "fedprox", loss_fn, client_update=fedprox_client_update, hparams={"mu": mu},
+      client_optimizer=client_optimizer,
       server_optimizer=server_optimizer, local_epochs=local_epochs,
       local_steps=local_steps, batch_size=batch_size, weighting=weighting,
       aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size, sampling=sampling,
       gradient_estimator=gradient_estimator, downlink=downlink,
-      client_chunk_size=client_chunk_size,
-      proximal=True, hparams={"mu": mu})
+      client_chunk_size=client_chunk_size)
 
 
-__all__ = ["fedprox"]
+__all__ = ["fedprox", "fedprox_client_update"]

@@ -13,35 +13,22 @@ a step on sum_k F_k / K'.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
-import jax
-import jax.numpy as jnp
 import optax
 
-from fedjax_med.algorithms.fedavg import cohort_positions
 from fedjax_med.core import aggregation as agg
-from fedjax_med.core import chunking
-from fedjax_med.core import cohort as cohort_lib
-from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
-                                       make_algorithm, new_server_state, server_key)
-from fedjax_med.core.objective import loss_and_grad
-from fedjax_med.core.tree import tree_l2_norm
-from fedjax_med.core.options import check_optimizer, reject_unknown
-
-
-@dataclasses.dataclass(frozen=True)
-class FedSGDConfig:
-  loss_fn: Any
-  server_optimizer: optax.GradientTransformation
-  cohort: cohort_lib.CohortSpec
-  aggregator: agg.Aggregator
-  client_chunk_size: int | None = None
-
+from fedjax_med.core import kit
+from fedjax_med.core.algorithm import FederatedAlgorithm
+from fedjax_med.core.options import reject_unknown
 
 _OPTIONS = ("server_optimizer", "weighting", "aggregator", "cohort_size", "sampling",
             "client_chunk_size")
+
+
+def fedsgd_client_update(ctx: kit.ClientContext, params, client_state, data, key):
+  """g_k = grad F_k(w) over the site's real rows (one full batch); F_k(w) as mean_loss."""
+  del client_state
+  loss, grads = kit.gradient_fn(ctx)(params, data.x, data.y, data.mask, key)
+  return kit.ClientResult(grads, values={"mean_loss": loss})
 
 
 def fedsgd(loss_fn, *, server_optimizer: optax.GradientTransformation,
@@ -66,52 +53,11 @@ def fedsgd(loss_fn, *, server_optimizer: optax.GradientTransformation,
     update_norm (norm of the aggregated gradient).
   """
   reject_unknown("fedsgd", unknown_options, _OPTIONS)
-  chunking.require_linear_aggregator("fedsgd", client_chunk_size, aggregator,
-                                     agg.weighted_mean())
-  config = FedSGDConfig(
-      loss_fn=loss_fn,
-      server_optimizer=check_optimizer("fedsgd", "server_optimizer", server_optimizer),
-      cohort=cohort_lib.make_cohort_spec("fedsgd", cohort_size, sampling, weighting),
-      aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
-      client_chunk_size=chunking.check_chunk_size("fedsgd", client_chunk_size))
-
-  def init(params, num_sites: int | None = None):
-    return new_server_state(params, config.server_optimizer, client_hparams={},
-                            hparams={},
-                            aggregator_state=config.aggregator.init(params, num_sites))
-
-  return make_algorithm("fedsgd", _fedsgd_round, config, loss_fn, init)
+  return kit.build_algorithm(
+      "fedsgd", loss_fn, client_update=fedsgd_client_update,
+      client_optimizer=kit.NO_CLIENT_OPTIMIZER, server_optimizer=server_optimizer,
+      weighting=weighting, aggregator=aggregator, cohort_size=cohort_size,
+      sampling=sampling, client_chunk_size=client_chunk_size)
 
 
-def _fedsgd_round(config: FedSGDConfig, state, data, key):
-  """One round on data.x [K, N_max, ...], data.y [K, N_max, ...], data.mask [K, N_max]."""
-  cohort = cohort_lib.select_cohort(config.cohort, data, (), key)
-  x, y, mask = cohort.data.x, cohort.data.y, cohort.data.mask
-  num_examples = jnp.sum(mask, axis=1, dtype=jnp.int32)
-  grad_fn = loss_and_grad(config.loss_fn)
-
-  def client_gradient(x_k, y_k, mask_k):
-    loss, grads = grad_fn(state.params, x_k, y_k, mask_k)
-    return grads, loss
-
-  weights = cohort.weights
-  grad, losses, aggregator_state, agg_metrics = chunking.aggregate_clients(
-      client_gradient, (x, y, mask), weights, config.aggregator, state.aggregator_state,
-      server_key(key), cohort.context, config.client_chunk_size)
-  params, server_opt_state = apply_server_optimizer(
-      config.server_optimizer, state.params, state.server_opt_state, grad,
-      active=cohort_lib.participated(cohort))
-  metrics = {
-      "train_loss": jnp.sum(agg.normalized(weights) * losses),
-      "client_train_loss": losses,
-      "num_examples": num_examples,
-      "cohort": cohort_positions(cohort, num_examples.shape[0]),
-      "update_norm": tree_l2_norm(grad),
-      **agg_metrics,
-  }
-  new_state = state._replace(params=params, server_opt_state=server_opt_state,
-                             aggregator_state=aggregator_state, round=state.round + 1)
-  return new_state, metrics
-
-
-__all__ = ["fedsgd", "FedSGDConfig"]
+__all__ = ["fedsgd", "fedsgd_client_update"]

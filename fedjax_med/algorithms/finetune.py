@@ -21,7 +21,8 @@ from typing import Any
 import jax
 import optax
 
-from fedjax_med.algorithms.fedavg import COMMON_OPTIONS, SGD_LR_1, build_fedavg_family
+from fedjax_med.core import kit
+from fedjax_med.core.kit import COMMON_OPTIONS, SGD_LR_1
 from fedjax_med.core import aggregation as agg
 from fedjax_med.core.algorithm import FederatedAlgorithm, arrays_only
 from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
@@ -62,7 +63,7 @@ def fedavg_finetune(loss_fn, *, client_optimizer: optax.GradientTransformation,
   """
   reject_unknown("fedavg_finetune", unknown_options,
                  COMMON_OPTIONS + ("finetune_steps", "finetune_optimizer"))
-  base = build_fedavg_family(
+  base = kit.build_algorithm(
       "fedavg_finetune", loss_fn, client_optimizer=client_optimizer,
       server_optimizer=server_optimizer, local_epochs=local_epochs,
       local_steps=local_steps, batch_size=batch_size, weighting=weighting,

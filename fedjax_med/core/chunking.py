@@ -117,10 +117,10 @@ def aggregate_clients(client_fn: Callable, inputs: tuple, weights: jax.Array,
   else:
     update, aux = map_clients(client_fn, inputs, agg.normalized(weights), chunk_size)
     metrics = {}
-  return _scaled(update, context), aux, aggregator_state, metrics
+  return scaled_aggregate(update, context), aux, aggregator_state, metrics
 
 
-def _scaled(update: Any, context: Any) -> Any:
+def scaled_aggregate(update: Any, context: Any) -> Any:
   """The aggregate times the cohort scheme's `context.update_scale` (1 by default)."""
   scale = getattr(context, "update_scale", 1.0)
   if isinstance(scale, (int, float)) and scale == 1.0:
@@ -136,4 +136,4 @@ def map_sites(fn: Callable, inputs: tuple, chunk_size: int | None) -> Any:
 
 
 __all__ = ["check_chunk_size", "require_linear_aggregator", "map_clients",
-           "aggregate_clients", "map_sites"]
+           "aggregate_clients", "scaled_aggregate", "map_sites"]

@@ -1,0 +1,518 @@
+"""The round-building kit: an algorithm's round assembled from small pure pieces.
+
+A synchronous federated round is always the same machine; an algorithm only
+says what a client does and what the server does with the result:
+
+    w_rx            = downlink(w)                             (optional, e.g. compression)
+    S               = cohort(K sites)                         (all, or C sampled)
+    for k in S, vmapped (in chunks of M if asked), key_k = fold_in(key, site_id_k):
+      ClientResult(update_k, client_state_k', values_k)
+                    = client_update(ctx, w_rx, client_state_k, data_k, key_k)
+    c_k             = client_weights(server_ctx, values)      (default n_k, or 1)
+    Delta           = aggregator(update [C, ...], c [C])      (default sum c_k u_k / sum c_k)
+    (w', opt', s')  = server_update(server_ctx, state, Delta, values [C, ...])
+                                                              (default: w' = w + optax(Delta))
+
+`build_algorithm` turns those pieces into a `FederatedAlgorithm`: one
+`jax.jit`-compiled round with cohorts, chunking, downlink, exact padding,
+per-site keys, traced hyperparameters (`set_hyperparams`), `run_seeds`,
+checkpoints and the audit log working exactly as for the built-in algorithms,
+which are built with it (FedAvg, FedProx, FedNova, FedAdam/Yogi/Adagrad, ...;
+`fedjax_med/algorithms/`).
+
+The pieces (all pure functions of arrays; shapes for one client):
+
+* `client_update(ctx, params, client_state, data, key) -> ClientResult`
+  - `ctx`: `ClientContext` (traced hyperparameters, the server's algorithm
+    state, the round number) and the static options; `local_training(ctx,
+    ...)` runs the configured client optimizer and local schedule on one
+    client's data, `gradient_fn(ctx)` is the configured gradient estimator.
+  - `params`: the received global model w_rx (unstacked pytree).
+  - `client_state`: this site's state (a leaf `[...]` of the `[K, ...]`
+    state from `init_client_state`), or () when the algorithm keeps none.
+  - `data`: `ClientData(x [N_max, ...], y [N_max, ...], mask [N_max])`.
+  - `key`: the client key, `fold_in(round_key, site_id)`.
+  - returns `ClientResult(update, client_state, values)`: `update` is the
+    pseudo-gradient the aggregator averages (same tree as params), the new
+    client state (or None: unchanged), and `values`, a dict of per-client
+    arrays that reach the server stacked `[C, ...]` (e.g. the loss at the
+    received model for q-FFL, a control-variate change for SCAFFOLD).
+    By convention `num_steps` and `mean_loss` (see `LocalResult`) become
+    the metrics `client_steps` and `client_train_loss`.
+* `client_weights(server_ctx, values) -> [C]` raw aggregation weights;
+  default `server_ctx.weights` (n_k, or 1 per non-empty site, restricted to
+  the cohort, per `weighting` and `sampling`).
+* `server_update(server_ctx, state, aggregate, values) -> ServerResult`:
+  the new global model, server optimizer state and algorithm state; default
+  `apply_server_update` (the server optimizer on the aggregate, nothing
+  else). A round whose cohort holds no data changes nothing.
+
+What is static and what is traced: everything passed to `build_algorithm`
+is static (a change recompiles); every number in `hparams`, in the client
+and server optimizers' `optax.inject_hyperparams` and in the gradient
+estimator's hyperparameters is traced and can be changed between rounds
+with `fedjax_med.set_hyperparams` without recompiling.
+
+K is fixed by `init(params, num_sites=K)` when the algorithm keeps client
+state (every state leaf has a leading K axis); a round on data with another
+K, or a client_update that returns a client state of another structure or
+shape, raises a ValueError naming the algorithm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_med.core import aggregation as agg
+from fedjax_med.core import chunking
+from fedjax_med.core import cohort as cohort_lib
+from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
+                                       make_algorithm, new_server_state, server_key,
+                                       stack_sites)
+from fedjax_med.core.local import (LocalResult, LocalSchedule, client_keys, local_training
+                                   as _local_training, make_schedule)
+from fedjax_med.core.objective import (GradientEstimator, check_batches_span_site,
+                                       masked_mean_loss, mean_gradient)
+from fedjax_med.core.options import (OptionError, check_optimizer, check_positive_int,
+                                     reject_unknown)
+from fedjax_med.core.state import init_client_optimizer, injected_hyperparams
+from fedjax_med.core.tree import tree_l2_norm
+
+SGD_LR_1 = optax.sgd(1.0)
+# For algorithms whose clients take no local optimizer step (FedSGD sends a gradient).
+NO_CLIENT_OPTIMIZER = optax.identity()
+
+# The options every kit-built algorithm accepts, declared once (`common_options`).
+COMMON_OPTIONS = ("client_optimizer", "server_optimizer", "local_epochs", "local_steps",
+                  "batch_size", "weighting", "aggregator", "shuffle", "cohort_size",
+                  "sampling", "gradient_estimator", "downlink", "client_chunk_size")
+
+
+class ClientData(NamedTuple):
+  """One client's padded data: x `[N_max, ...]`, y `[N_max, ...]`, mask `[N_max]` bool."""
+  x: Any
+  y: Any
+  mask: jax.Array
+
+  @property
+  def num_examples(self) -> jax.Array:
+    """n_k, int32 scalar."""
+    return jnp.sum(self.mask, dtype=jnp.int32)
+
+
+class ClientResult(NamedTuple):
+  """What `client_update` returns for one client (see the module docstring)."""
+  update: Any
+  client_state: Any = None
+  values: dict = {}
+
+
+class ServerResult(NamedTuple):
+  """What `server_update` returns: the next global model, the server-side
+  states, and round metrics of its own (e.g. FedNova's tau_eff)."""
+  params: Any
+  server_opt_state: Any
+  algorithm_state: Any = ()
+  metrics: dict = {}
+
+
+class ClientContext(NamedTuple):
+  """What a client sees besides its data and key (closed over, not vmapped).
+
+  config: the algorithm's static `KitConfig`.
+  hparams: `state.hparams`, the algorithm's traced numbers (e.g. {"mu": ...}).
+  client_hparams: the client optimizer's traced hyperparameters.
+  algorithm_state: `state.algorithm_state` (e.g. SCAFFOLD's server control
+    variate), read-only for clients.
+  round: int32 scalar, rounds completed before this one.
+  """
+  config: Any
+  hparams: dict
+  client_hparams: dict
+  algorithm_state: Any
+  round: jax.Array
+
+
+class ServerContext(NamedTuple):
+  """What the server sees besides the state and the aggregate.
+
+  config: the static `KitConfig`.
+  hparams: `state.hparams`.
+  weights: `[C]` the cohort scheme's raw weights (n_k, or 1 per non-empty site).
+  aggregation_weights: `[C]` the weights the aggregator used (`client_weights`).
+  positions: `[C]` the cohort's site positions among the K sites.
+  num_sites: K (static).
+  population_num_examples: `[K]` n_k of every site.
+  participated: bool scalar, some participant held data.
+  key: the server's key for this round.
+  """
+  config: Any
+  hparams: dict
+  weights: jax.Array
+  aggregation_weights: jax.Array
+  positions: jax.Array
+  num_sites: int
+  population_num_examples: jax.Array
+  participated: jax.Array
+  key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class KitConfig:
+  """Everything static about a kit-built algorithm (hashable: part of the jit key)."""
+  name: str
+  loss_fn: Any
+  client_update: Callable
+  server_update: Callable
+  client_weights: Callable | None
+  client_optimizer: optax.GradientTransformation
+  server_optimizer: optax.GradientTransformation
+  schedule: LocalSchedule
+  cohort: cohort_lib.CohortSpec
+  aggregator: agg.Aggregator
+  gradient: Any            # GradientEstimator.build
+  downlink: Any = None     # downlink(w, key) -> (w as received, metrics)
+  client_chunk_size: int | None = None
+  has_client_state: bool = False
+  static: Any = None       # the algorithm's own static options (hashable)
+
+
+# ----------------------------------------------------------------------------- client side
+
+def gradient_fn(ctx: ClientContext) -> Callable:
+  """The configured gradient estimator (default: the mean gradient over the
+  batch's real rows), built with the traced hyperparameters:
+  `(params, x_b, y_b, mask_b, key) -> (loss, grads)`."""
+  return ctx.config.gradient(ctx.config.loss_fn, ctx.hparams)
+
+
+def proximal(grad_fn: Callable, mu: jax.Array, anchor: Any) -> Callable:
+  """`grad_fn` of F(w) + (mu / 2) ||w - anchor||^2 (FedProx, Ditto's personal step)."""
+
+  def prox_grad_fn(params, x, y, mask, key=None):
+    loss, grads = grad_fn(params, x, y, mask, key)
+    grads = jax.tree_util.tree_map(lambda g, p, a: g + mu * (p - a), grads, params, anchor)
+    return loss, grads
+
+  return prox_grad_fn
+
+
+def local_training(ctx: ClientContext, params: Any, data: ClientData, key: jax.Array, *,
+                   grad_fn: Callable | None = None,
+                   optimizer: optax.GradientTransformation | None = None,
+                   optimizer_hparams: dict | None = None,
+                   opt_state: Any = None) -> LocalResult:
+  """One client's local optimisation with the configured schedule (exact padding).
+
+  Args:
+    ctx: the client context.
+    params: the starting point.
+    data: the client's `ClientData`.
+    key: the client key.
+    grad_fn: `(params, x_b, y_b, mask_b, key) -> (loss, grads)`; default
+      `gradient_fn(ctx)`.
+    optimizer: default the configured client optimizer, started fresh from
+      `params` with the traced `ctx.client_hparams`.
+    optimizer_hparams: traced hyperparameters for a fresh `optimizer` state
+      (default `ctx.client_hparams`).
+    opt_state: continue from this optimizer state instead of a fresh one.
+
+  Returns:
+    `LocalResult(params, opt_state, num_steps, mean_loss)`.
+  """
+  config = ctx.config
+  grad_fn = grad_fn if grad_fn is not None else gradient_fn(ctx)
+  check_batches_span_site(config.gradient, config.schedule.batch_size, data.mask.shape[0],
+                          config.name)
+  optimizer = optimizer if optimizer is not None else config.client_optimizer
+  if opt_state is None:
+    opt_state = init_client_optimizer(
+        optimizer, params,
+        ctx.client_hparams if optimizer_hparams is None else optimizer_hparams)
+  return _local_training(grad_fn, optimizer, config.schedule, params, opt_state,
+                         data.x, data.y, data.mask, key)
+
+
+def site_loss(ctx: ClientContext, params: Any, data: ClientData) -> jax.Array:
+  """F_k(params): the mean loss over the client's real rows (0 for an empty client)."""
+  return masked_mean_loss(ctx.config.loss_fn, params, data.x, data.y, data.mask)
+
+
+def pseudo_gradient(received: Any, trained: Any) -> Any:
+  """Delta_k = w_rx - w_k (what FedAvg-style clients send)."""
+  return jax.tree_util.tree_map(jnp.subtract, received, trained)
+
+
+def fedavg_client_update(ctx: ClientContext, params, client_state, data, key) -> ClientResult:
+  """FedAvg's client (McMahan et al. 2017): local training, Delta_k = w - w_k."""
+  del client_state
+  local = local_training(ctx, params, data, key)
+  return ClientResult(pseudo_gradient(params, local.params),
+                      values={"num_steps": local.num_steps, "mean_loss": local.mean_loss})
+
+
+# ----------------------------------------------------------------------------- server side
+
+def apply_server_update(ctx: ServerContext, state, aggregate, values) -> ServerResult:
+  """The default server: w <- w + optax_update(aggregate); no step when no
+  participant held data (a stateful server optimizer does not move)."""
+  del values
+  params, opt_state = apply_server_optimizer(
+      ctx.config.server_optimizer, state.params, state.server_opt_state, aggregate,
+      active=ctx.participated)
+  return ServerResult(params, opt_state, state.algorithm_state)
+
+
+def normalized_weights(ctx: ServerContext) -> jax.Array:
+  """The aggregation weights normalised to sum to 1 over the cohort, `[C]`."""
+  return agg.normalized(ctx.aggregation_weights)
+
+
+# ----------------------------------------------------------------------------- assembly
+
+def check_common_options(name: str, *, client_optimizer, server_optimizer, local_epochs,
+                         local_steps, batch_size, weighting, aggregator, shuffle,
+                         cohort_size, sampling, gradient_estimator, downlink,
+                         client_chunk_size, linear_aggregation_only: bool = False
+                         ) -> tuple[dict, GradientEstimator]:
+  """Validates the common options once; returns (the static pieces of a
+  KitConfig, the gradient estimator)."""
+  if local_epochs is None and local_steps is None:
+    local_epochs = 1
+  if linear_aggregation_only or client_chunk_size is not None:
+    chunking.require_linear_aggregator(name, client_chunk_size, aggregator,
+                                       agg.weighted_mean())
+  estimator = gradient_estimator or mean_gradient()
+  if not isinstance(estimator, GradientEstimator):
+    raise OptionError(f"{name}: gradient_estimator must be a GradientEstimator (e.g."
+                      f" fedjax_med.privacy.dp_sgd(...)), got {type(estimator).__name__}")
+  if downlink is not None and not callable(downlink):
+    raise OptionError(f"{name}: downlink must be a function (w, key) -> (w, metrics),"
+                      f" got {type(downlink).__name__}")
+  return dict(
+      client_optimizer=check_optimizer(name, "client_optimizer", client_optimizer),
+      server_optimizer=check_optimizer(name, "server_optimizer", server_optimizer),
+      schedule=make_schedule(name, batch_size, local_epochs, local_steps, shuffle),
+      cohort=cohort_lib.make_cohort_spec(name, cohort_size, sampling, weighting),
+      aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
+      gradient=estimator.build, downlink=downlink,
+      client_chunk_size=chunking.check_chunk_size(name, client_chunk_size)), estimator
+
+
+def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_client_update,
+                    server_update: Callable = apply_server_update,
+                    client_weights: Callable | None = None,
+                    init_client_state: Callable | None = None,
+                    init_server_state: Callable | None = None,
+                    hparams: dict | None = None, personalize: Callable | None = None,
+                    static: Any = None,
+                    client_optimizer: optax.GradientTransformation,
+                    server_optimizer: optax.GradientTransformation = SGD_LR_1,
+                    local_epochs: int | None = None, local_steps: int | None = None,
+                    batch_size: int = 32, weighting: str = "num_examples",
+                    aggregator: agg.Aggregator | None = None, shuffle: bool = True,
+                    cohort_size: int | None = None, sampling: str = "uniform",
+                    gradient_estimator: GradientEstimator | None = None, downlink=None,
+                    client_chunk_size: int | None = None,
+                    **unknown_options) -> FederatedAlgorithm:
+  """Builds a `FederatedAlgorithm` from the kit's pieces (module docstring).
+
+  Args:
+    name: the algorithm's name (messages, progress bars, records).
+    loss_fn: `loss_fn(params, x, y) -> [B]` (or a `fedjax_med.batch_loss`).
+    client_update: `(ctx, params, client_state, data, key) -> ClientResult`
+      (default FedAvg's client).
+    server_update: `(server_ctx, state, aggregate, values) -> ServerResult`
+      (default: the server optimizer on the aggregate).
+    client_weights: `(server_ctx, values) -> [C]` raw aggregation weights
+      (default the cohort scheme's n_k or 1).
+    init_client_state: `params -> one site's state`; stacked K times by
+      `init(params, num_sites=K)` (which then needs num_sites).
+    init_server_state: `params -> algorithm_state` (default ()).
+    hparams: the algorithm's traced numbers, `{name: float}`, read in the
+      pieces as `ctx.hparams[name]`; settable with `set_hyperparams`.
+    personalize: optional `(state, data, key) -> per-site params [K, ...]`.
+    static: any hashable value the pieces read as `ctx.config.static`.
+    client_optimizer ... client_chunk_size: the common options, as for
+      `fedjax_med.algorithms.fedavg`.
+
+  Returns:
+    FederatedAlgorithm: `init(params, num_sites=None)`, `round`, `pure_round`.
+  """
+  reject_unknown(name, unknown_options, COMMON_OPTIONS)
+  pieces, estimator = check_common_options(
+      name, client_optimizer=client_optimizer, server_optimizer=server_optimizer,
+      local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
+      weighting=weighting, aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size,
+      sampling=sampling, gradient_estimator=gradient_estimator, downlink=downlink,
+      client_chunk_size=client_chunk_size)
+  for what, fn in (("client_update", client_update), ("server_update", server_update)):
+    if not callable(fn):
+      raise OptionError(f"{name}: {what} must be a function, got {type(fn).__name__}")
+  config = KitConfig(name=name, loss_fn=loss_fn, client_update=client_update,
+                     server_update=server_update, client_weights=client_weights,
+                     has_client_state=init_client_state is not None, static=static,
+                     **pieces)
+  traced = {**estimator.hparams, **(hparams or {})}
+
+  def init(params, num_sites: int | None = None):
+    client_states = ()
+    if init_client_state is not None:
+      if num_sites is None:
+        raise ValueError(f"{name}.init: this algorithm keeps per-site state; call"
+                         f" init(params, num_sites=K)")
+      check_positive_int(f"{name}.init", "num_sites", num_sites)
+      client_states = stack_sites(init_client_state(params), num_sites)
+    algorithm_state = init_server_state(params) if init_server_state is not None else ()
+    return new_server_state(
+        params, config.server_optimizer,
+        client_hparams=injected_hyperparams(config.client_optimizer.init(params)),
+        hparams=traced, client_states=client_states, algorithm_state=algorithm_state,
+        aggregator_state=config.aggregator.init(params, num_sites))
+
+  return make_algorithm(name, kit_round, config, loss_fn, init, personalize)
+
+
+def _check_client_states(name: str, client_states: Any, num_sites: int) -> None:
+  leaves = jax.tree_util.tree_leaves(client_states)
+  bad = [leaf.shape for leaf in leaves if not leaf.shape or leaf.shape[0] != num_sites]
+  if bad:
+    raise ValueError(
+        f"{name}: the state's client states have leading axes {[s[:1] for s in bad]}"
+        f" but the data has K = {num_sites} sites; call init(params, num_sites={num_sites})"
+        " for this data")
+
+
+def _check_returned_state(name: str, old: Any, new: Any) -> None:
+  old_struct = jax.tree_util.tree_structure(old)
+  new_struct = jax.tree_util.tree_structure(new)
+  if old_struct != new_struct:
+    raise ValueError(f"{name}: client_update returned a client state of structure"
+                     f" {new_struct}, but the state holds {old_struct}")
+  for a, b in zip(jax.tree_util.tree_leaves(old), jax.tree_util.tree_leaves(new)):
+    if jnp.shape(a) != jnp.shape(b) or jnp.result_type(a) != jnp.result_type(b):
+      raise ValueError(f"{name}: client_update returned a client state leaf"
+                       f" {jnp.result_type(b)}{list(jnp.shape(b))} where the state holds"
+                       f" {jnp.result_type(a)}{list(jnp.shape(a))}")
+
+
+def reject_fixed_options(name: str, options: dict, fixed: tuple) -> None:
+  """OptionError for common options an algorithm fixes itself (e.g. FedDyn's
+  server update has no server optimizer)."""
+  given = sorted(set(options) & set(fixed))
+  if given:
+    raise OptionError(f"{name}: option(s) {given} are fixed by the algorithm and cannot"
+                      " be set")
+
+
+_VALUE_METRICS = {"num_steps": "client_steps", "mean_loss": "client_train_loss"}
+
+
+def kit_round(config: KitConfig, state, data, key):
+  """One round of a kit-built algorithm on data.x [K, N_max, ...], data.mask [K, N_max]."""
+  num_sites = data.mask.shape[0]
+  if config.has_client_state:
+    _check_client_states(config.name, state.client_states, num_sites)
+  w = state.params
+  downlink_metrics = {}
+  if config.downlink is not None:
+    w, downlink_metrics = config.downlink(w, jax.random.fold_in(server_key(key), 1))
+  cohort = cohort_lib.select_cohort(config.cohort, data, state.client_states, key)
+  ctx = ClientContext(config, state.hparams, state.client_hparams, state.algorithm_state,
+                      state.round)
+
+  def client_fn(x_k, y_k, mask_k, key_k, state_k):
+    result = config.client_update(ctx, w, state_k, ClientData(x_k, y_k, mask_k), key_k)
+    if not isinstance(result, ClientResult):
+      raise TypeError(f"{config.name}: client_update must return a ClientResult, got"
+                      f" {type(result).__name__}")
+    new_state = state_k if result.client_state is None else result.client_state
+    if config.has_client_state:
+      _check_returned_state(config.name, state_k, new_state)
+      # A client with no data keeps its state exactly.
+      new_state = jax.tree_util.tree_map(
+          lambda new, old: jnp.where(jnp.any(mask_k), new, old), new_state, state_k)
+    return result.update, (new_state, dict(result.values))
+
+  client_states = cohort.client_states if config.has_client_state else None
+  inputs = (cohort.data.x, cohort.data.y, cohort.data.mask,
+            client_keys(key, cohort.data.site_ids))
+  if config.has_client_state:
+    fn = client_fn
+    inputs = inputs + (client_states,)
+  else:
+    fn = lambda x_k, y_k, mask_k, key_k: client_fn(x_k, y_k, mask_k, key_k, ())
+
+  num_examples = jnp.sum(cohort.data.mask, axis=1, dtype=jnp.int32)
+  positions = cohort_positions(cohort, num_sites)
+  s_key = server_key(key)
+  participated = cohort_lib.participated(cohort)
+
+  def server_ctx(weights):
+    return ServerContext(config, state.hparams, cohort.weights, weights, positions,
+                         num_sites, data_num_examples(data), participated, s_key)
+
+  if config.client_weights is None:
+    weights = cohort.weights
+    update, (new_states, values), aggregator_state, agg_metrics = chunking.aggregate_clients(
+        fn, inputs, weights, config.aggregator, state.aggregator_state, s_key,
+        cohort.context, config.client_chunk_size)
+  else:
+    # Weights that depend on the clients' values: run the clients, then aggregate.
+    updates, (new_states, values) = chunking.map_clients(
+        lambda *a: ((), fn(*a)), inputs, jnp.zeros_like(cohort.weights),
+        config.client_chunk_size)[1]
+    values = {**values, "num_examples": num_examples}
+    weights = config.client_weights(server_ctx(cohort.weights), values).astype(jnp.float32)
+    update, aggregator_state, agg_metrics = config.aggregator.aggregate(
+        updates, weights, state.aggregator_state, s_key, cohort.context)
+    update = chunking.scaled_aggregate(update, cohort.context)
+  values = {**values, "num_examples": num_examples}
+
+  result = config.server_update(server_ctx(weights), state, update, values)
+  if not isinstance(result, ServerResult):
+    raise TypeError(f"{config.name}: server_update must return a ServerResult, got"
+                    f" {type(result).__name__}")
+  new_client_states = state.client_states
+  if config.has_client_state:
+    new_client_states = cohort_lib.put_sites(state.client_states, new_states, cohort.indices)
+
+  metrics = {}
+  if "mean_loss" in values:
+    metrics["train_loss"] = jnp.sum(agg.normalized(weights) * values["mean_loss"])
+  for name, metric in _VALUE_METRICS.items():
+    if name in values:
+      metrics[metric] = values[name]
+  metrics.update({"num_examples": num_examples, "cohort": positions,
+                  "update_norm": tree_l2_norm(update), **agg_metrics, **result.metrics,
+                  **downlink_metrics})
+  new_state = state._replace(params=result.params, server_opt_state=result.server_opt_state,
+                             algorithm_state=result.algorithm_state,
+                             aggregator_state=aggregator_state,
+                             client_states=new_client_states, round=state.round + 1)
+  return new_state, metrics
+
+
+def data_num_examples(data) -> jax.Array:
+  """n_k of every site, `[K]` int32."""
+  return jnp.sum(data.mask, axis=1, dtype=jnp.int32)
+
+
+def cohort_positions(cohort: cohort_lib.Cohort, size: int) -> jax.Array:
+  """[C] positions of the cohort's sites among the K sites."""
+  if cohort.indices is None:
+    return jnp.arange(size, dtype=jnp.int32)
+  return cohort.indices
+
+
+__all__ = ["ClientData", "ClientResult", "ServerResult", "ClientContext", "ServerContext",
+           "KitConfig", "COMMON_OPTIONS", "SGD_LR_1", "NO_CLIENT_OPTIMIZER", "gradient_fn", "proximal",
+           "local_training", "site_loss", "pseudo_gradient", "fedavg_client_update",
+           "apply_server_update", "normalized_weights", "check_common_options",
+           "reject_fixed_options", "OptionError",
+           "build_algorithm", "kit_round", "data_num_examples", "cohort_positions"]
