@@ -144,6 +144,8 @@ CASES = {
     "fedavg_finetune": Case(lambda **o: A.fedavg_finetune(bce, client_optimizer=SGD,
                                                           batch_size=B, finetune_steps=2, **o),
                             _init),
+    "feddyn": Case(lambda **o: A.feddyn(bce, alpha=0.1, client_optimizer=SGD, batch_size=B,
+                                        **o), _init_k),
     "fedbuff": Case(lambda **o: A.fedbuff(bce, client_optimizer=SGD, batch_size=B,
                                           buffer_size=2, **o),
                     lambda algo, params, ids: algo.init(params, len(ids),
@@ -163,6 +165,8 @@ CASES = {
     # local_only with Adam: its per-site optimizer state persists across rounds.
     "local_only": Case(lambda **o: A.local_only(bce, optimizer=ADAM, batch_size=B, **o),
                        _init_k, cohort=False),
+    "qffl": Case(lambda **o: A.qffl(bce, q=1.0, lipschitz=3.0, client_optimizer=SGD,
+                                    batch_size=B, **o), _init),
     "scaffold": Case(lambda **o: A.scaffold(bce, client_learning_rate=0.3, batch_size=B, **o),
                      _init_k),
     "with_availability": Case(

@@ -5,6 +5,7 @@ from fedjax_med.algorithms.cyclic import cyclic
 from fedjax_med.algorithms.ditto import ditto
 from fedjax_med.algorithms.fedavg import fedavg
 from fedjax_med.algorithms.fedbuff import fedbuff
+from fedjax_med.algorithms.feddyn import feddyn
 from fedjax_med.algorithms.fednova import fednova
 from fedjax_med.algorithms.fedopt import fedadagrad, fedadam, fedyogi
 from fedjax_med.algorithms.fedper import fedper
@@ -12,8 +13,9 @@ from fedjax_med.algorithms.fedprox import fedprox
 from fedjax_med.algorithms.fedsgd import fedsgd
 from fedjax_med.algorithms.finetune import fedavg_finetune
 from fedjax_med.algorithms.local import local_only
+from fedjax_med.algorithms.qffl import qffl
 from fedjax_med.algorithms.scaffold import scaffold
 
 __all__ = ["cyclic", "ditto", "fedadagrad", "fedadam", "fedavg", "fedavg_finetune", "fedbuff",
-           "fednova", "fedper", "fedprox", "fedsgd", "fedyogi", "local_only", "scaffold",
-           "with_availability"]
+           "feddyn", "fednova", "fedper", "fedprox", "fedsgd", "fedyogi", "local_only", "qffl",
+           "scaffold", "with_availability"]
