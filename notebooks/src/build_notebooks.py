@@ -289,8 +289,135 @@ plt.show()
 """),
 ]
 
+CUSTOM_ALGORITHM = [
+    ("md", """
+# Write your own algorithm: FedDyn from public names only
+
+FedDyn (Acar et al., ICLR 2021) needs a per-site state h_k, a modified local
+objective and a server state h. With the round-building kit `fm.kit` it is two
+small functions; cohorts, chunking, exact padding, per-site keys, traced
+hyperparameters and checkpoints come with the kit. We build it here with
+`import fedjax_med as fm` only, run it on the four heart-disease hospitals, and
+check it against a float64 NumPy loop written from the paper.
+"""),
+    ("code", """
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import fedjax_med as fm
+
+train, test = fm.datasets.heart_disease(standardize="federated")
+apply = lambda p, x: x @ p["w"] + p["b"]             # logistic regression, 13 -> 1
+loss_fn = fm.losses.sigmoid_binary_cross_entropy(apply)
+params = {"w": jnp.zeros(13), "b": jnp.zeros(())}
+print(train)
+"""),
+    ("md", """
+## The client: local training on the dynamic objective
+
+Site k minimises $F_k(\\theta) - \\langle h_k, \\theta\\rangle + \\frac{\\alpha}{2}\\|\\theta - w\\|^2$
+from the server model $w$, then updates $h_k \\leftarrow h_k - \\alpha(w_k - w)$.
+`fm.kit.local_training` runs the configured optimizer and schedule with exact padding.
+"""),
+    ("code", """
+def client_update(ctx, w, state, data, key):
+  alpha = ctx.hparams["alpha"]
+  base = fm.kit.gradient_fn(ctx)                     # mean gradient over real rows
+
+  def grad_fn(theta, x, y, mask, step_key=None):
+    loss, g = base(theta, x, y, mask, step_key)
+    return loss, jax.tree_util.tree_map(lambda g, h, t, w0: g - h + alpha * (t - w0),
+                                        g, state["h"], theta, w)
+
+  local = fm.kit.local_training(ctx, w, data, key, grad_fn=grad_fn)
+  h = jax.tree_util.tree_map(lambda h, wk, w0: h - alpha * (wk - w0), state["h"], local.params, w)
+  return fm.kit.ClientResult(fm.kit.pseudo_gradient(w, local.params), {"h": h},
+                             {"num_steps": local.num_steps, "mean_loss": local.mean_loss})
+"""),
+    ("md", """
+## The server
+
+The aggregate is the uniform mean over the participants P of $w - w_k$; then
+$h \\leftarrow h - \\alpha\\frac{1}{K}\\sum_{k\\in P}(w_k - w)$ and
+$w \\leftarrow \\frac{1}{|P|}\\sum_{k\\in P} w_k - h/\\alpha$.
+"""),
+    ("code", """
+def server_update(ctx, state, aggregate, values):
+  alpha = ctx.hparams["alpha"]
+  m = jnp.sum(ctx.aggregation_weights > 0)
+  h = jax.tree_util.tree_map(lambda h, d: h + alpha * m / ctx.num_sites * d,
+                             state.algorithm_state["h"], aggregate)
+  w = jax.tree_util.tree_map(lambda w0, d, h: w0 - d - h / alpha, state.params, aggregate, h)
+  return fm.kit.ServerResult(w, state.server_opt_state, {"h": h})
+
+zeros = lambda p: {"h": jax.tree_util.tree_map(jnp.zeros_like, p)}
+feddyn = fm.kit.build_algorithm(
+    "my_feddyn", loss_fn, client_update=client_update, server_update=server_update,
+    client_weights=lambda ctx, values: (ctx.weights > 0).astype(jnp.float32),
+    init_client_state=zeros, init_server_state=zeros, hparams={"alpha": 0.1},
+    client_optimizer=optax.sgd(0.1), local_epochs=2, batch_size=256, shuffle=False)
+state = feddyn.init(params, num_sites=train.num_sites)
+keys = jax.random.split(jax.random.PRNGKey(0), 20)
+for key in keys:
+  state, metrics = feddyn.round(state, train, key)
+print("train loss after 20 rounds:", float(metrics["train_loss"]))
+"""),
+    ("md", """
+## Checked against a float64 NumPy loop
+
+With `batch_size` above every site's size and `shuffle=False`, each local epoch is one
+full-batch gradient step, so the reference is a few lines of NumPy.
+"""),
+    ("code", """
+sites = [(np.asarray(x, np.float64), np.asarray(y, np.float64)) for x, y in train.sites()]
+K, alpha, lr = len(sites), 0.1, 0.1
+w, b = np.zeros(13), 0.0
+hk = [(np.zeros(13), 0.0) for _ in sites]
+hw, hb = np.zeros(13), 0.0
+for _ in keys:
+  new = []
+  for k, (x, y) in enumerate(sites):
+    v, c = w.copy(), b
+    for _ in range(2):
+      r = 1 / (1 + np.exp(-(x @ v + c))) - y
+      gv = x.T @ r / len(y) - hk[k][0] + alpha * (v - w)
+      gc = r.mean() - hk[k][1] + alpha * (c - b)
+      v, c = v - lr * gv, c - lr * gc
+    hk[k] = (hk[k][0] - alpha * (v - w), hk[k][1] - alpha * (c - b))
+    new.append((v, c))
+  hw = hw - alpha / K * sum(v - w for v, _ in new)
+  hb = hb - alpha / K * sum(c - b for _, c in new)
+  w = np.mean([v for v, _ in new], axis=0) - hw / alpha
+  b = np.mean([c for _, c in new]) - hb / alpha
+err = max(np.max(np.abs(np.asarray(state.params["w"]) - w)), abs(float(state.params["b"]) - b))
+print("max |fedjax_med - numpy| =", err)
+assert err < 5e-6                                  # float32 vs float64: ~4e-7 measured
+"""),
+    ("md", """
+## What came for free
+
+The same object runs with client sampling, chunked clients, a different local
+schedule, and a traced `alpha` that `fm.set_hyperparams` changes without recompiling.
+`fm.algorithms.feddyn` is this algorithm, built the same way.
+"""),
+    ("code", """
+sampled = fm.kit.build_algorithm(
+    "my_feddyn", loss_fn, client_update=client_update, server_update=server_update,
+    client_weights=lambda ctx, values: (ctx.weights > 0).astype(jnp.float32),
+    init_client_state=zeros, init_server_state=zeros, hparams={"alpha": 0.1},
+    client_optimizer=optax.sgd(0.1), local_steps=5, batch_size=16, cohort_size=2,
+    client_chunk_size=1)
+s = fm.set_hyperparams(sampled.init(params, num_sites=4), alpha=0.05)
+for key in keys[:5]:
+  s, m = sampled.round(s, train, key)
+print("cohorts:", [int(i) for i in m["cohort"]], "steps:", np.asarray(m["client_steps"]))
+print("test, site mean:", fm.evaluation.binary_report(apply, s.params, test)["mean"])
+"""),
+]
+
 NOTEBOOKS = {"01_quickstart.ipynb": QUICKSTART, "02_privacy.ipynb": PRIVACY,
-             "03_imaging.ipynb": IMAGING}
+             "03_imaging.ipynb": IMAGING, "04_custom_algorithm.ipynb": CUSTOM_ALGORITHM}
 
 
 def main():
