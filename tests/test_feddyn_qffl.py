@@ -36,6 +36,7 @@ def test_feddyn_matches_numpy_loop(cohort_size):
   h = (np.zeros_like(w), 0.0)
   mask = np.asarray(data.mask)
   num_sites = len(sites)
+  m = sum(len(y) > 0 for _, y in sites)       # the paper's m devices: the sites holding data
   for r in range(3):
     key = jax.random.PRNGKey(30 + r)
     state, metrics = algo.round(state, data, key)
@@ -53,7 +54,7 @@ def test_feddyn_matches_numpy_loop(cohort_size):
       hk[k] = (hw - alpha * (wk - w), hb - alpha * (bk - b))
     sum_w = sum(trained[k][0] - w for k in participants)
     sum_b = sum(trained[k][1] - b for k in participants)
-    h = (h[0] - alpha * sum_w / num_sites, h[1] - alpha * sum_b / num_sites)
+    h = (h[0] - alpha * sum_w / m, h[1] - alpha * sum_b / m)
     mean_w = np.mean([trained[k][0] for k in participants], axis=0)
     mean_b = np.mean([trained[k][1] for k in participants])
     w, b = mean_w - h[0] / alpha, mean_b - h[1] / alpha

@@ -190,9 +190,9 @@ def build(name: str, **options):
 # How each round metric / algorithm_state entry transforms under the invariants.
 GLOBAL_METRICS = {"train_loss", "update_norm", "tau_eff", "control_norm", "sim_time", "version",
                   "flushes", "events", "staleness", "staleness_mean", "staleness_max",
-                  "bytes_up_total", "bytes_down_total", "num_online", "skipped"}
+                  "bytes_up_total", "bytes_down_total", "num_online", "skipped", "sum_h"}
 SITE_METRICS = {"client_train_loss", "client_steps", "num_examples", "client_personal_loss",
-                "arrivals", "bytes_up", "bytes_down", "online"}
+                "arrivals", "bytes_up", "bytes_down", "online", "client_loss_at_start"}
 # Site positions: compared as site ids. Sequences keep their order (a visiting
 # or arrival order); "cohort" is compared as a multiset (the participants).
 POSITION_SEQUENCES = {"visit_order", "alg/slot_site"}

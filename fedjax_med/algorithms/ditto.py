@@ -14,53 +14,59 @@ The server aggregates the Delta_k as FedAvg. lambda = 0 gives local
 training; large lambda pulls every v_k towards the global model.
 `state.hparams["lam"]` is traced. Site k's model is v_k
 (`state.client_states["params"]`, leading K axis).
+
+Written with the round-building kit (`fedjax_med.core.kit`): the client runs
+`local_training` twice (the global step with the client optimizer, the
+personal step with the personal optimizer on `proximal(gradient_fn, lam, w)`)
+and keeps v_k as its client state; the server is FedAvg's
+(`apply_server_update`) and reports the personal losses as the metric
+`client_personal_loss`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_med.algorithms.fedavg import (COMMON_OPTIONS, SGD_LR_1, cohort_positions,
-                                          proximal_grad_fn)
 from fedjax_med.core import aggregation as agg
-from fedjax_med.core import chunking
-from fedjax_med.core import cohort as cohort_lib
-from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
-                                       check_num_sites, make_algorithm, new_server_state,
-                                       server_key, stack_sites)
-from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
-from fedjax_med.core.objective import loss_and_grad
-from fedjax_med.core.options import (check_nonnegative_float, check_optimizer,
-                                     check_positive_int, reject_unknown)
-from fedjax_med.core.state import (init_client_optimizer, injected_hyperparams,
-                                   optimizer_hparams, select_prefixed)
-from fedjax_med.core.tree import tree_l2_norm
+from fedjax_med.core import kit
+from fedjax_med.core.algorithm import FederatedAlgorithm
+from fedjax_med.core.kit import COMMON_OPTIONS, SGD_LR_1
+from fedjax_med.core.options import check_nonnegative_float, check_optimizer, reject_unknown
+from fedjax_med.core.state import optimizer_hparams, select_prefixed
 
 PERSONAL_STREAM = np.uint32(2**32 - 4)
 # The personal optimizer's traced hyperparameters are state.hparams["personal_<name>"].
 PERSONAL_PREFIX = "personal"
 
-
-@dataclasses.dataclass(frozen=True)
-class DittoConfig:
-  loss_fn: Any
-  client_optimizer: optax.GradientTransformation
-  personal_optimizer: optax.GradientTransformation
-  server_optimizer: optax.GradientTransformation
-  schedule: LocalSchedule
-  cohort: cohort_lib.CohortSpec
-  aggregator: agg.Aggregator
-  client_chunk_size: int | None = None
-
-
+# Ditto's clients take the plain mean gradient and train from the model as sent.
 _OPTIONS = tuple(o for o in COMMON_OPTIONS if o not in ("gradient_estimator", "downlink")) + (
     "lam", "personal_optimizer")
+
+
+def ditto_client_update(ctx: kit.ClientContext, w, client_state, data: kit.ClientData, key):
+  """Ditto's client: FedAvg's step from w (Delta_k = w - w_k), then the personal
+  step v_k <- v_k - lr (grad F_k(v_k) + lam (v_k - w)) with the personal
+  optimizer (`ctx.config.static`) and its own traced hyperparameters."""
+  local = kit.local_training(ctx, w, data, key)
+  personal = kit.local_training(
+      ctx, client_state["params"], data, jax.random.fold_in(key, PERSONAL_STREAM),
+      grad_fn=kit.proximal(kit.gradient_fn(ctx), ctx.hparams["lam"], w),
+      optimizer=ctx.config.static,
+      optimizer_hparams=select_prefixed(PERSONAL_PREFIX, ctx.hparams))
+  return kit.ClientResult(kit.pseudo_gradient(w, local.params), {"params": personal.params},
+                          {"num_steps": local.num_steps, "mean_loss": local.mean_loss,
+                           "personal_loss": personal.mean_loss})
+
+
+def _ditto_server(ctx: kit.ServerContext, state, aggregate, values):
+  result = kit.apply_server_update(ctx, state, aggregate, values)
+  return result._replace(metrics={"client_personal_loss": values["personal_loss"]})
+
+
+def _own_copy(params):
+  return {"params": params}
 
 
 def ditto(loss_fn, *, lam: float, client_optimizer: optax.GradientTransformation,
@@ -84,86 +90,33 @@ def ditto(loss_fn, *, lam: float, client_optimizer: optax.GradientTransformation
       change them.
 
   `init(params, num_sites)`; `personalize(state, data, key)` returns v `[K, ...]`.
+  Round metrics: FedAvg's, plus client_personal_loss [C] (the personal step's
+  mean batch loss, without the proximal term).
   """
   reject_unknown("ditto", unknown_options, _OPTIONS)
-  chunking.require_linear_aggregator("ditto", client_chunk_size, aggregator,
-                                     agg.weighted_mean())
   lam = check_nonnegative_float("ditto", "lam", lam)
-  if local_epochs is None and local_steps is None:
-    local_epochs = 1
   client_optimizer = check_optimizer("ditto", "client_optimizer", client_optimizer)
-  config = DittoConfig(
-      loss_fn=loss_fn, client_optimizer=client_optimizer,
-      personal_optimizer=check_optimizer(
-          "ditto", "personal_optimizer",
-          personal_optimizer if personal_optimizer is not None else client_optimizer),
-      server_optimizer=check_optimizer("ditto", "server_optimizer", server_optimizer),
-      schedule=make_schedule("ditto", batch_size, local_epochs, local_steps, shuffle),
-      cohort=cohort_lib.make_cohort_spec("ditto", cohort_size, sampling, weighting),
-      aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
-      client_chunk_size=chunking.check_chunk_size("ditto", client_chunk_size))
+  personal_optimizer = check_optimizer(
+      "ditto", "personal_optimizer",
+      personal_optimizer if personal_optimizer is not None else client_optimizer)
+  base = kit.build_algorithm(
+      "ditto", loss_fn, client_update=ditto_client_update, server_update=_ditto_server,
+      init_client_state=_own_copy, hparams={"lam": lam}, static=personal_optimizer,
+      client_optimizer=client_optimizer, server_optimizer=server_optimizer,
+      local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
+      weighting=weighting, aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size,
+      sampling=sampling, client_chunk_size=client_chunk_size)
 
-  def init(params, num_sites: int):
-    check_positive_int("ditto.init", "num_sites", num_sites)
-    return new_server_state(
-        params, config.server_optimizer,
-        client_hparams=injected_hyperparams(config.client_optimizer.init(params)),
-        hparams={"lam": lam, **optimizer_hparams(PERSONAL_PREFIX,
-                                                 config.personal_optimizer, params)},
-        client_states={"params": stack_sites(params, num_sites)},
-        aggregator_state=config.aggregator.init(params, num_sites))
+  def init(params, num_sites: int | None = None):
+    state = base.init(params, num_sites)
+    return state._replace(hparams={
+        **state.hparams, **optimizer_hparams(PERSONAL_PREFIX, personal_optimizer, params)})
 
   def personalize(state, data, key):
     del data, key
     return state.client_states["params"]
 
-  return make_algorithm("ditto", _ditto_round, config, loss_fn, init, personalize)
+  return base._replace(init=init, personalize=personalize)
 
 
-def _ditto_round(config: DittoConfig, state, data, key):
-  w = state.params
-  check_num_sites("ditto", state.client_states, data.mask.shape[0])
-  cohort = cohort_lib.select_cohort(config.cohort, data, state.client_states, key)
-  global_grad = loss_and_grad(config.loss_fn)
-  personal_grad = proximal_grad_fn(global_grad, state.hparams["lam"], w)
-
-  def client_update(x_k, y_k, mask_k, key_k, v_k):
-    opt_state = init_client_optimizer(config.client_optimizer, w, state.client_hparams)
-    local = local_training(global_grad, config.client_optimizer, config.schedule, w,
-                           opt_state, x_k, y_k, mask_k, key_k)
-    delta = jax.tree_util.tree_map(jnp.subtract, w, local.params)
-    p_state = init_client_optimizer(config.personal_optimizer, v_k,
-                                    select_prefixed(PERSONAL_PREFIX, state.hparams))
-    personal = local_training(personal_grad, config.personal_optimizer, config.schedule,
-                              v_k, p_state, x_k, y_k, mask_k,
-                              jax.random.fold_in(key_k, PERSONAL_STREAM))
-    return delta, (personal.params, local.num_steps, local.mean_loss, personal.mean_loss)
-
-  delta, (v_new, steps, losses, personal_losses), aggregator_state, agg_metrics = (
-      chunking.aggregate_clients(
-          client_update, (cohort.data.x, cohort.data.y, cohort.data.mask,
-                          client_keys(key, cohort.data.site_ids),
-                          cohort.client_states["params"]),
-          cohort.weights, config.aggregator, state.aggregator_state, server_key(key),
-          cohort.context, config.client_chunk_size))
-  params, server_opt_state = apply_server_optimizer(
-      config.server_optimizer, w, state.server_opt_state, delta,
-      active=cohort_lib.participated(cohort))
-  client_states = {"params": cohort_lib.put_sites(state.client_states["params"], v_new,
-                                                  cohort.indices)}
-  metrics = {
-      "train_loss": jnp.sum(agg.normalized(cohort.weights) * losses),
-      "client_train_loss": losses,
-      "client_personal_loss": personal_losses,
-      "client_steps": steps,
-      "num_examples": jnp.sum(cohort.data.mask, axis=1, dtype=jnp.int32),
-      "cohort": cohort_positions(cohort, data.mask.shape[0]),
-      "update_norm": tree_l2_norm(delta),
-      **agg_metrics,
-  }
-  return state._replace(params=params, server_opt_state=server_opt_state,
-                        aggregator_state=aggregator_state, client_states=client_states,
-                        round=state.round + 1), metrics
-
-
-__all__ = ["ditto", "PERSONAL_STREAM"]
+__all__ = ["ditto", "ditto_client_update", "PERSONAL_STREAM"]

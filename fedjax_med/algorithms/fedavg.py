@@ -33,9 +33,6 @@ from fedjax_med.core.algorithm import FederatedAlgorithm
 from fedjax_med.core.kit import COMMON_OPTIONS, SGD_LR_1, cohort_positions
 from fedjax_med.core.objective import GradientEstimator
 
-# Ditto's personal step uses FedProx's proximal gradient.
-proximal_grad_fn = kit.proximal
-
 
 def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
            server_optimizer: optax.GradientTransformation = SGD_LR_1,
@@ -90,4 +87,4 @@ def fedavg(loss_fn, *, client_optimizer: optax.GradientTransformation,
       client_chunk_size=client_chunk_size, **unknown_options)
 
 
-__all__ = ["fedavg", "proximal_grad_fn", "COMMON_OPTIONS", "SGD_LR_1", "cohort_positions"]
+__all__ = ["fedavg", "COMMON_OPTIONS", "SGD_LR_1", "cohort_positions"]

@@ -6,8 +6,10 @@ the start), and in a round minimises, from the server model w,
     F_k(theta) - <h_k, theta> + (alpha / 2) ||theta - w||^2
 
 with the configured local optimizer and schedule (local gradient
-grad F_k(theta) - h_k + alpha (theta - w)), reaching w_k. Then, for the m = K
-sites and the participants P (the cohort's sites that hold data):
+grad F_k(theta) - h_k + alpha (theta - w)), reaching w_k. Then, for the m sites
+of the federation that hold data (the paper's m devices; a site with no rows is
+not counted, so adding an empty site changes nothing) and the participants P
+(the cohort's sites that hold data):
 
     client:  h_k <- h_k - alpha (w_k - w)
     server:  h   <- h - alpha (1 / m) sum_{k in P} (w_k - w)
@@ -57,7 +59,8 @@ def _feddyn_server(ctx: kit.ServerContext, state, aggregate, values):
   del values
   alpha = ctx.hparams["alpha"]
   num_participants = jnp.sum(ctx.aggregation_weights > 0).astype(jnp.float32)
-  h = jax.tree_util.tree_map(lambda h, d: h + alpha * (num_participants / ctx.num_sites) * d,
+  m = jnp.sum(ctx.population_num_examples > 0).astype(jnp.float32)
+  h = jax.tree_util.tree_map(lambda h, d: h + alpha * (num_participants / m) * d,
                              state.algorithm_state["h"], aggregate)
   w = jax.tree_util.tree_map(lambda w_, d, h_: w_ - d - h_ / alpha,
                              state.params, aggregate, h)

@@ -3,41 +3,54 @@
 `local_only` trains one model per site on that site's data alone, all sites
 at once under `jax.vmap`; each site's optimizer state persists across rounds,
 so `rounds x local_epochs` passes equal ordinary centralised training with
-one optimizer (e.g. Adam, as FLamby's Local i and Pooled baselines).
-Pooled (centralised) training is `local_only` on `data.pooled()` (K = 1).
+one optimizer (e.g. Adam, as FLamby's Local i and Pooled baselines):
+
+    for every site k, tau_k local steps:  (w_k, s_k) <- optimizer step on F_k(w_k)
+
+with no communication and no global model update. Pooled (centralised)
+training is `local_only` on `data.pooled()` (K = 1).
 
 State: `state.client_states = {"params": [K, ...], "opt_state": [K, ...]}`;
 `state.params` keeps the shared initial point (all sites start from it).
+
+Built with the round-building kit (`fedjax_med.core.kit`): the client state
+is the site's (w_k, s_k), the client sends no update and the server returns
+the state unchanged.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
-import jax
-import jax.numpy as jnp
 import optax
 
-from fedjax_med.core.algorithm import (FederatedAlgorithm, check_num_sites, make_algorithm,
-                                       new_server_state, stack_sites)
-from fedjax_med.core import chunking
-from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
-from fedjax_med.core.objective import loss_and_grad
-from fedjax_med.core.options import check_optimizer, check_positive_int, reject_unknown
-from fedjax_med.core.state import injected_hyperparams, with_injected_hyperparams
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalConfig:
-  loss_fn: Any
-  optimizer: optax.GradientTransformation
-  schedule: LocalSchedule
-  client_chunk_size: int | None = None
-
+from fedjax_med.core import kit
+from fedjax_med.core.algorithm import FederatedAlgorithm
+from fedjax_med.core.options import check_optimizer, reject_unknown
+from fedjax_med.core.state import with_injected_hyperparams
 
 _OPTIONS = ("optimizer", "local_epochs", "local_steps", "batch_size", "shuffle",
             "client_chunk_size")
+# No global model update: a stateless server optimizer (state.server_opt_state
+# is its EmptyState), shared so that equal configurations share one compile.
+_NO_SERVER_OPTIMIZER = optax.identity()
+# The round metrics local_only reports (per site, `[K]`).
+_METRICS = ("client_train_loss", "client_steps", "num_examples")
+
+
+def local_client_update(ctx: kit.ClientContext, params, client_state, data: kit.ClientData,
+                        key) -> kit.ClientResult:
+  """Site k continues from its own (w_k, s_k), ignoring the received model;
+  the optimizer's traced hyperparameters come from `state.client_hparams`."""
+  del params
+  opt_state = with_injected_hyperparams(client_state["opt_state"], ctx.client_hparams)
+  local = kit.local_training(ctx, client_state["params"], data, key, opt_state=opt_state)
+  return kit.ClientResult((), {"params": local.params, "opt_state": local.opt_state},
+                          {"num_steps": local.num_steps, "mean_loss": local.mean_loss})
+
+
+def local_server_update(ctx: kit.ServerContext, state, aggregate, values) -> kit.ServerResult:
+  """No global model: the server state is returned unchanged."""
+  del ctx, aggregate, values
+  return kit.ServerResult(state.params, state.server_opt_state, state.algorithm_state)
 
 
 def local_only(loss_fn, *, optimizer: optax.GradientTransformation,
@@ -58,48 +71,33 @@ def local_only(loss_fn, *, optimizer: optax.GradientTransformation,
   Returns:
     FederatedAlgorithm whose `init(params, num_sites)` gives every site a copy
     of `params`; `round` trains all sites; per-site models are in
-    `state.client_states["params"]` (leading K axis).
+    `state.client_states["params"]` (leading K axis) and `personalize`
+    returns them. Round metrics: client_train_loss, client_steps and
+    num_examples, all `[K]`.
   """
   reject_unknown("local_only", unknown_options, _OPTIONS)
-  if local_epochs is None and local_steps is None:
-    local_epochs = 1
-  config = LocalConfig(
-      loss_fn=loss_fn,
-      optimizer=check_optimizer("local_only", "optimizer", optimizer),
-      schedule=make_schedule("local_only", batch_size, local_epochs, local_steps, shuffle),
-      client_chunk_size=chunking.check_chunk_size("local_only", client_chunk_size))
+  optimizer = check_optimizer("local_only", "optimizer", optimizer)
+  algo = kit.build_algorithm(
+      "local_only", loss_fn, client_update=local_client_update,
+      server_update=local_server_update,
+      init_client_state=lambda params: {"params": params, "opt_state": optimizer.init(params)},
+      personalize=lambda state, data, key: state.client_states["params"],
+      client_optimizer=optimizer, server_optimizer=_NO_SERVER_OPTIMIZER,
+      local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
+      shuffle=shuffle, client_chunk_size=client_chunk_size)
 
   def init(params, num_sites: int):
-    check_positive_int("local_only.init", "num_sites", num_sites)
-    opt_state = config.optimizer.init(params)
-    return new_server_state(
-        params, optax.identity(), client_hparams=injected_hyperparams(opt_state),
-        hparams={}, client_states={"params": stack_sites(params, num_sites),
-                                   "opt_state": stack_sites(opt_state, num_sites)})
+    return algo.init(params, num_sites)
 
-  return make_algorithm("local_only", _local_round, config, loss_fn, init,
-                        personalize=lambda state, data, key: state.client_states["params"])
+  def round_fn(state, data, key):
+    state, metrics = algo.round(state, data, key)
+    return state, {name: metrics[name] for name in _METRICS}
 
+  def pure_round(state, data, key):
+    state, metrics = algo.pure_round(state, data, key)
+    return state, {name: metrics[name] for name in _METRICS}
 
-def _local_round(config: LocalConfig, state, data, key):
-  x, y, mask = data.x, data.y, data.mask
-  num_sites = mask.shape[0]
-  check_num_sites("local_only", state.client_states, num_sites)
-  grad_fn = loss_and_grad(config.loss_fn)
-
-  def site_update(params, opt_state, x_k, y_k, mask_k, key_k):
-    opt_state = with_injected_hyperparams(opt_state, state.client_hparams)
-    local = local_training(grad_fn, config.optimizer, config.schedule, params, opt_state,
-                           x_k, y_k, mask_k, key_k)
-    return local.params, local.opt_state, local.num_steps, local.mean_loss
-
-  params, opt_state, steps, losses = chunking.map_sites(
-      site_update, (state.client_states["params"], state.client_states["opt_state"], x, y,
-                    mask, client_keys(key, data.site_ids)), config.client_chunk_size)
-  metrics = {"client_train_loss": losses, "client_steps": steps,
-             "num_examples": jnp.sum(mask, axis=1, dtype=jnp.int32)}
-  return state._replace(client_states={"params": params, "opt_state": opt_state},
-                        round=state.round + 1), metrics
+  return algo._replace(init=init, round=round_fn, pure_round=pure_round)
 
 
-__all__ = ["local_only", "LocalConfig"]
+__all__ = ["local_only", "local_client_update", "local_server_update"]

@@ -22,29 +22,24 @@ c_k are untouched. In round 1 all control variates are 0, so it equals FedAvg.
 SCAFFOLD's option II needs the local learning rate and plain SGD, so the
 constructor takes `client_learning_rate` (traced: `state.client_hparams`)
 rather than a client optimizer. `init(params, num_sites)` needs K.
+
+Built with the round-building kit (`fedjax_med.core.kit`): the client
+(`scaffold_client_update`) trains with the corrected gradient and sends
+Delta_k with dc_k in its values; the server (`scaffold_server_update`) applies
+the server optimizer to sum_k p_k Delta_k and moves c by sum_k q_k dc_k.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_med.algorithms.fedavg import SGD_LR_1, cohort_positions
 from fedjax_med.core import aggregation as agg
-from fedjax_med.core import chunking
-from fedjax_med.core import cohort as cohort_lib
-from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
-                                       check_num_sites, make_algorithm, new_server_state,
-                                       server_key, stack_sites)
-from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
-from fedjax_med.core.objective import loss_and_grad
-from fedjax_med.core.options import (OptionError, check_nonnegative_float, check_optimizer,
-                                     check_positive_int, reject_unknown)
-from fedjax_med.core.state import init_client_optimizer
+from fedjax_med.core import kit
+from fedjax_med.core.algorithm import FederatedAlgorithm
+from fedjax_med.core.kit import SGD_LR_1
+from fedjax_med.core.options import OptionError, check_nonnegative_float, reject_unknown
 from fedjax_med.core.tree import tree_l2_norm, tree_select
 
 # One shared client optimizer: its learning rate is always injected from the state.
@@ -55,14 +50,54 @@ _OPTIONS = ("client_learning_rate", "server_optimizer", "local_epochs", "local_s
             "client_chunk_size")
 
 
-@dataclasses.dataclass(frozen=True)
-class ScaffoldConfig:
-  loss_fn: Any
-  server_optimizer: optax.GradientTransformation
-  schedule: LocalSchedule
-  cohort: cohort_lib.CohortSpec
-  aggregator: agg.Aggregator
-  client_chunk_size: int | None = None
+def scaffold_client_update(ctx: kit.ClientContext, x, client_state, data: kit.ClientData,
+                           key) -> kit.ClientResult:
+  """Site k: tau_k SGD steps on g_k(y) - c_k + c from y = x; option II c_k+.
+
+  Returns Delta_k = x - y_k `[P]`, the new {"control": c_k+} and values
+  {"dc": dc_k = c_k+ - c_k, "num_steps": tau_k, "mean_loss"}. A site that
+  took no step keeps c_k (dc_k = 0).
+  """
+  c = ctx.algorithm_state["control"]
+  c_k = client_state["control"]
+  lr = ctx.client_hparams["learning_rate"]
+  correction = jax.tree_util.tree_map(jnp.subtract, c, c_k)          # c - c_k
+  base_grad = kit.gradient_fn(ctx)
+
+  def grad_fn(params, xb, yb, mb, step_key=None):
+    loss, grads = base_grad(params, xb, yb, mb, step_key)
+    return loss, jax.tree_util.tree_map(jnp.add, grads, correction)
+
+  local = kit.local_training(ctx, x, data, key, grad_fn=grad_fn)      # SGD at lr
+  delta = kit.pseudo_gradient(x, local.params)                        # x - y_k
+  scale = 1.0 / (jnp.maximum(local.num_steps, 1).astype(jnp.float32) * lr)
+  c_new = jax.tree_util.tree_map(lambda ck, cg, d: ck - cg + scale * d, c_k, c, delta)
+  c_new = tree_select(local.num_steps > 0, c_new, c_k)
+  dc = jax.tree_util.tree_map(jnp.subtract, c_new, c_k)
+  return kit.ClientResult(delta, {"control": c_new},
+                          {"dc": dc, "num_steps": local.num_steps,
+                           "mean_loss": local.mean_loss})
+
+
+def scaffold_server_update(ctx: kit.ServerContext, state, aggregate, values) -> kit.ServerResult:
+  """x <- x + server_step(sum_k p_k Delta_k); c <- c + sum_{k in S} q_k dc_k.
+
+  `values["dc"]` is `[C, ...]`; a site drawn m times in the cohort (sampling
+  with replacement) contributes q_k dc_k once (each copy weighs q_k / m).
+  """
+  result = kit.apply_server_update(ctx, state, aggregate, values)
+  q = population_weights(ctx.population_num_examples, ctx.config.cohort.weighting)
+  positions = ctx.positions
+  multiplicity = jnp.sum(positions[:, None] == positions[None, :], axis=1)
+  coeff = q[positions] / multiplicity.astype(jnp.float32)
+  c = jax.tree_util.tree_map(jnp.add, state.algorithm_state["control"],
+                             agg.weighted_sum(values["dc"], coeff))
+  return result._replace(algorithm_state={"control": c},
+                         metrics={"control_norm": tree_l2_norm(c)})
+
+
+def _zero_control(params):
+  return {"control": jax.tree_util.tree_map(jnp.zeros_like, params)}
 
 
 def scaffold(loss_fn, *, client_learning_rate: float,
@@ -87,34 +122,25 @@ def scaffold(loss_fn, *, client_learning_rate: float,
   Returns:
     FederatedAlgorithm with `init(params, num_sites)`. State:
     `client_states["control"]` holds c_k `[K, ...]`, `algorithm_state["control"]`
-    holds c.
+    holds c. Metrics as `fedavg` plus `control_norm` = ||c||.
   """
   reject_unknown("scaffold", unknown_options, _OPTIONS)
   lr = check_nonnegative_float("scaffold", "client_learning_rate", client_learning_rate)
   if lr == 0.0:
     raise OptionError("scaffold: client_learning_rate must be > 0 (option II divides by it)")
-  if local_epochs is None and local_steps is None:
-    local_epochs = 1
-  chunking.require_linear_aggregator("scaffold", client_chunk_size, aggregator,
-                                     agg.weighted_mean())
-  config = ScaffoldConfig(
-      loss_fn=loss_fn,
-      server_optimizer=check_optimizer("scaffold", "server_optimizer", server_optimizer),
-      schedule=make_schedule("scaffold", batch_size, local_epochs, local_steps, shuffle),
-      cohort=cohort_lib.make_cohort_spec("scaffold", cohort_size, sampling, weighting),
-      aggregator=aggregator if aggregator is not None else agg.weighted_mean(),
-      client_chunk_size=chunking.check_chunk_size("scaffold", client_chunk_size))
+  algo = kit.build_algorithm(
+      "scaffold", loss_fn, client_update=scaffold_client_update,
+      server_update=scaffold_server_update, init_client_state=_zero_control,
+      init_server_state=_zero_control, client_optimizer=_CLIENT_SGD,
+      server_optimizer=server_optimizer, local_epochs=local_epochs, local_steps=local_steps,
+      batch_size=batch_size, weighting=weighting, aggregator=aggregator, shuffle=shuffle,
+      cohort_size=cohort_size, sampling=sampling, client_chunk_size=client_chunk_size,
+      client_hparams={"learning_rate": lr})
 
   def init(params, num_sites: int):
-    check_positive_int("scaffold.init", "num_sites", num_sites)
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    return new_server_state(
-        params, config.server_optimizer, client_hparams={"learning_rate": lr}, hparams={},
-        client_states={"control": stack_sites(zeros, num_sites)},
-        aggregator_state=config.aggregator.init(params, num_sites),
-        algorithm_state={"control": zeros})
+    return algo.init(params, num_sites)
 
-  return make_algorithm("scaffold", _scaffold_round, config, loss_fn, init)
+  return algo._replace(init=init)
 
 
 def population_weights(num_examples: jax.Array, weighting: str) -> jax.Array:
@@ -122,66 +148,5 @@ def population_weights(num_examples: jax.Array, weighting: str) -> jax.Array:
   return agg.normalized(agg.client_weights(num_examples, weighting))
 
 
-def _scaffold_round(config: ScaffoldConfig, state, data, key):
-  w = state.params
-  c = state.algorithm_state["control"]
-  lr = state.client_hparams["learning_rate"]
-  check_num_sites("scaffold", state.client_states, data.mask.shape[0])
-  cohort = cohort_lib.select_cohort(config.cohort, data, state.client_states, key)
-  base_grad = loss_and_grad(config.loss_fn)
-
-  def client_update(x_k, y_k, mask_k, key_k, c_k):
-    correction = jax.tree_util.tree_map(jnp.subtract, c, c_k)       # c - c_k
-
-    def grad_fn(params, xb, yb, mb, step_key=None):
-      loss, grads = base_grad(params, xb, yb, mb, step_key)
-      return loss, jax.tree_util.tree_map(jnp.add, grads, correction)
-
-    opt_state = init_client_optimizer(_CLIENT_SGD, w, {"learning_rate": lr})
-    local = local_training(grad_fn, _CLIENT_SGD, config.schedule, w, opt_state,
-                           x_k, y_k, mask_k, key_k)
-    delta = jax.tree_util.tree_map(jnp.subtract, w, local.params)   # x - y_k
-    scale = 1.0 / (jnp.maximum(local.num_steps, 1).astype(jnp.float32) * lr)
-    c_new = jax.tree_util.tree_map(lambda ck, cg, d: ck - cg + scale * d, c_k, c, delta)
-    c_new = tree_select(local.num_steps > 0, c_new, c_k)
-    dc = jax.tree_util.tree_map(jnp.subtract, c_new, c_k)
-    return delta, (dc, c_new, local.num_steps, local.mean_loss)
-
-  delta, (dcs, c_cohort, steps, losses), aggregator_state, agg_metrics = (
-      chunking.aggregate_clients(
-          client_update, (cohort.data.x, cohort.data.y, cohort.data.mask,
-                          client_keys(key, cohort.data.site_ids),
-                          cohort.client_states["control"]),
-          cohort.weights, config.aggregator, state.aggregator_state, server_key(key),
-          cohort.context, config.client_chunk_size))
-  params, server_opt_state = apply_server_optimizer(
-      config.server_optimizer, w, state.server_opt_state, delta,
-      active=cohort_lib.participated(cohort))
-
-  # c <- c + sum_{k in S} q_k dc_k, each distinct site counted once.
-  q = population_weights(jnp.sum(data.mask, axis=1, dtype=jnp.int32),
-                         config.cohort.weighting)
-  positions = cohort_positions(cohort, data.mask.shape[0])
-  multiplicity = jnp.sum(positions[:, None] == positions[None, :], axis=1)
-  coeff = q[positions] / multiplicity.astype(jnp.float32)
-  c = jax.tree_util.tree_map(jnp.add, c, agg.weighted_sum(dcs, coeff))
-  client_states = {"control": cohort_lib.put_sites(state.client_states["control"],
-                                                   c_cohort, cohort.indices)}
-  num_examples = jnp.sum(cohort.data.mask, axis=1, dtype=jnp.int32)
-  metrics = {
-      "train_loss": jnp.sum(agg.normalized(cohort.weights) * losses),
-      "client_train_loss": losses,
-      "client_steps": steps,
-      "num_examples": num_examples,
-      "cohort": positions,
-      "update_norm": tree_l2_norm(delta),
-      "control_norm": tree_l2_norm(c),
-      **agg_metrics,
-  }
-  new_state = state._replace(params=params, server_opt_state=server_opt_state,
-                             aggregator_state=aggregator_state, client_states=client_states,
-                             algorithm_state={"control": c}, round=state.round + 1)
-  return new_state, metrics
-
-
-__all__ = ["scaffold", "ScaffoldConfig", "population_weights"]
+__all__ = ["scaffold", "scaffold_client_update", "scaffold_server_update",
+           "population_weights"]

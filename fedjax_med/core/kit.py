@@ -17,8 +17,10 @@ says what a client does and what the server does with the result:
 `jax.jit`-compiled round with cohorts, chunking, downlink, exact padding,
 per-site keys, traced hyperparameters (`set_hyperparams`), `run_seeds`,
 checkpoints and the audit log working exactly as for the built-in algorithms,
-which are built with it (FedAvg, FedProx, FedNova, FedAdam/Yogi/Adagrad, ...;
-`fedjax_med/algorithms/`).
+which are built with it (FedSGD, FedAvg, FedProx, FedNova, FedAdam/Yogi/
+Adagrad, fine-tuning, SCAFFOLD, Ditto, FedPer, local training, FedDyn, q-FFL;
+`fedjax_med/algorithms/`). Cyclic (sites in sequence) and FedBuff
+(asynchronous) have rounds of another shape and keep their own.
 
 The pieces (all pure functions of arrays; shapes for one client):
 
@@ -310,7 +312,7 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
                     init_client_state: Callable | None = None,
                     init_server_state: Callable | None = None,
                     hparams: dict | None = None, personalize: Callable | None = None,
-                    static: Any = None,
+                    static: Any = None, client_hparams: dict | None = None,
                     client_optimizer: optax.GradientTransformation,
                     server_optimizer: optax.GradientTransformation = SGD_LR_1,
                     local_epochs: int | None = None, local_steps: int | None = None,
@@ -338,6 +340,9 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
       pieces as `ctx.hparams[name]`; settable with `set_hyperparams`.
     personalize: optional `(state, data, key) -> per-site params [K, ...]`.
     static: any hashable value the pieces read as `ctx.config.static`.
+    client_hparams: initial traced client-optimizer hyperparameters
+      (`state.client_hparams`), overriding the optimizer's injected values
+      (e.g. SCAFFOLD's client learning rate on one shared optimizer object).
     client_optimizer ... client_chunk_size: the common options, as for
       `fedjax_med.algorithms.fedavg`.
 
@@ -371,7 +376,8 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
     algorithm_state = init_server_state(params) if init_server_state is not None else ()
     return new_server_state(
         params, config.server_optimizer,
-        client_hparams=injected_hyperparams(config.client_optimizer.init(params)),
+        client_hparams={**injected_hyperparams(config.client_optimizer.init(params)),
+                        **(client_hparams or {})},
         hparams=traced, client_states=client_states, algorithm_state=algorithm_state,
         aggregator_state=config.aggregator.init(params, num_sites))
 
@@ -382,10 +388,11 @@ def _check_client_states(name: str, client_states: Any, num_sites: int) -> None:
   leaves = jax.tree_util.tree_leaves(client_states)
   bad = [leaf.shape for leaf in leaves if not leaf.shape or leaf.shape[0] != num_sites]
   if bad:
+    built = bad[0][0] if bad[0] else "no"
     raise ValueError(
-        f"{name}: the state's client states have leading axes {[s[:1] for s in bad]}"
-        f" but the data has K = {num_sites} sites; call init(params, num_sites={num_sites})"
-        " for this data")
+        f"{name}: state was built for {built} sites but data has {num_sites} (the state's"
+        f" client states have leading axes {[s[:1] for s in bad]}, the data K = {num_sites}"
+        f" sites); call init(params, num_sites={num_sites}) for this data")
 
 
 def _check_returned_state(name: str, old: Any, new: Any) -> None:

@@ -339,14 +339,15 @@ def client_update(ctx, w, state, data, key):
 ## The server
 
 The aggregate is the uniform mean over the participants P of $w - w_k$; then
-$h \\leftarrow h - \\alpha\\frac{1}{K}\\sum_{k\\in P}(w_k - w)$ and
+$h \\leftarrow h - \\alpha\\frac{1}{m}\\sum_{k\\in P}(w_k - w)$ (m: the sites holding data) and
 $w \\leftarrow \\frac{1}{|P|}\\sum_{k\\in P} w_k - h/\\alpha$.
 """),
     ("code", """
 def server_update(ctx, state, aggregate, values):
   alpha = ctx.hparams["alpha"]
-  m = jnp.sum(ctx.aggregation_weights > 0)
-  h = jax.tree_util.tree_map(lambda h, d: h + alpha * m / ctx.num_sites * d,
+  participants = jnp.sum(ctx.aggregation_weights > 0)
+  m = jnp.sum(ctx.population_num_examples > 0)        # sites holding data
+  h = jax.tree_util.tree_map(lambda h, d: h + alpha * participants / m * d,
                              state.algorithm_state["h"], aggregate)
   w = jax.tree_util.tree_map(lambda w0, d, h: w0 - d - h / alpha, state.params, aggregate, h)
   return fm.kit.ServerResult(w, state.server_opt_state, {"h": h})
