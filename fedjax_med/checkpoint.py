@@ -217,88 +217,58 @@ def _same_key(a, b) -> bool:
   return _key_meta(a) == _key_meta(b)
 
 
+def resume_run(directory, state: ServerState, run_key, num_rounds: int,
+               max_to_keep: int | None = 3):
+  """Opens a run's checkpoint folder for `fm.run_rounds(checkpoint_dir=...)`.
+
+  Returns (manager, first round to run, state to run from, past history as a
+  list of per-round metric dicts). Raises ValueError when the latest
+  checkpoint was written with another run key, lies beyond num_rounds, or
+  holds a state of another structure.
+  """
+  if max_to_keep is not None:
+    check_positive_int("run_rounds", "max_to_keep", max_to_keep)
+  _check_state(state, "run_rounds")
+  manager = _manager(directory, max_to_keep)
+  if manager.latest_step() is None:
+    return manager, 0, state, []
+  try:
+    ckpt = _restore_with(manager, directory, state, None)
+    if not _same_key(ckpt.run_key, run_key):
+      raise ValueError(
+          f"run_rounds: the checkpoint of round {ckpt.round} in {directory} was written by"
+          " a run with another run_key; use a new directory for a new run")
+    if ckpt.round > num_rounds:
+      raise ValueError(f"run_rounds: {directory} holds a checkpoint of round {ckpt.round},"
+                       f" beyond num_rounds={num_rounds}")
+  except Exception:
+    manager.close()
+    raise
+  past = [{k: v[i] for k, v in ckpt.history.items()} for i in range(ckpt.round)]
+  return manager, ckpt.round, ckpt.state, past
+
+
+def save_run(manager, round_index: int, state: ServerState, run_key, history: dict) -> None:
+  """Writes the checkpoint of `round_index` rounds done (used by `fm.run_rounds`)."""
+  _save_with(manager, round_index, state, run_key, history)
+
+
 def run_with_checkpoints(algo: FederatedAlgorithm, state: ServerState, data: FederatedData,
                          num_rounds: int, run_key: jax.Array, directory, *, every: int = 1,
                          max_to_keep: int | None = 3, progress: bool = False,
                          desc: str | None = None,
                          callback: Callable[[int, ServerState, dict], None] | None = None,
                          ) -> tuple[ServerState, dict[str, np.ndarray]]:
-  """`run_rounds` that checkpoints every `every` rounds and resumes from the latest.
-
-  Rounds are numbered 0..num_rounds-1 for the run; round r uses
-  `fold_in(run_key, r)`, exactly as `fm.run_rounds`. If `directory` holds a
-  checkpoint of this run (same run key, same state structure), the run
-  continues after it; otherwise it starts from `state`. A checkpoint is
-  written after every round r+1 that is a multiple of `every`, and after
-  the last round.
-
-  Args:
-    algo: a FederatedAlgorithm.
-    state: the initial state (round 0); also the template to restore into.
-    data: training data.
-    num_rounds: rounds of the whole run (not of this call).
-    run_key: the run's key.
-    directory: checkpoint folder of this run.
-    every: checkpoint period in rounds.
-    max_to_keep: newest checkpoints kept (None: all).
-    progress, desc: a tqdm progress bar over the remaining rounds.
-    callback: `callback(round_index, state, metrics)` after each round run
-      by this call.
-
-  Returns:
-    (final state, history of all num_rounds rounds, {metric: [num_rounds, ...]}),
-    the same as `fm.run_rounds(algo, state, data, num_rounds, run_key)`.
-
-  Raises:
-    ValueError when the latest checkpoint was written with another run key,
-    lies beyond num_rounds, or holds a state of another structure.
-  """
+  """Deprecated alias, kept for one version: `fm.run_rounds(algo, state, data,
+  num_rounds, run_key, checkpoint_dir=directory, checkpoint_every=every, ...)`,
+  the one run loop (checkpoints every `every` rounds, resumes from the latest)."""
+  from fedjax_med.experiment import run_rounds  # pylint: disable=import-outside-toplevel
   check_positive_int("run_with_checkpoints", "num_rounds", num_rounds)
   check_positive_int("run_with_checkpoints", "every", every)
-  if max_to_keep is not None:
-    check_positive_int("run_with_checkpoints", "max_to_keep", max_to_keep)
-  _check_state(state, "run_with_checkpoints")
-  from fedjax_med.experiment import round_key  # pylint: disable=import-outside-toplevel
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-
-  manager = _manager(directory, max_to_keep)
-  try:
-    start, past = 0, []
-    if manager.latest_step() is not None:
-      ckpt = _restore_with(manager, directory, state, None)
-      if not _same_key(ckpt.run_key, run_key):
-        raise ValueError(
-            f"run_with_checkpoints: the checkpoint of round {ckpt.round} in {directory}"
-            " was written by a run with another run_key; use a new directory for a new"
-            " run")
-      if ckpt.round > num_rounds:
-        raise ValueError(
-            f"run_with_checkpoints: {directory} holds a checkpoint of round {ckpt.round},"
-            f" beyond num_rounds={num_rounds}")
-      start, state = ckpt.round, ckpt.state
-      past = [{k: v[i] for k, v in ckpt.history.items()} for i in range(ckpt.round)]
-    history = list(past)
-    bar = tqdm(range(start, num_rounds), desc=desc or algo.name, disable=not progress,
-               leave=False, dynamic_ncols=True)
-    for r in bar:
-      state, metrics = algo.round(state, data, round_key(run_key, r))
-      history.append(jax.device_get(metrics))
-      done = r + 1
-      if done % every == 0 or done == num_rounds:
-        _save_with(manager, done, state, run_key, _stack(history))
-      if callback is not None:
-        callback(r, state, metrics)
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-  return state, _stack(history)
-
-
-def _stack(history: list[dict]) -> dict[str, np.ndarray]:
-  if not history:
-    return {}
-  return {name: np.stack([np.asarray(h[name]) for h in history]) for name in history[0]}
+  return run_rounds(algo, state, data, num_rounds, run_key, progress=progress, desc=desc,
+                    callback=callback, checkpoint_dir=directory, checkpoint_every=every,
+                    max_to_keep=max_to_keep)
 
 
 __all__ = ["Checkpoint", "FORMAT_VERSION", "save", "restore", "latest_round",
-           "run_with_checkpoints"]
+           "resume_run", "save_run", "run_with_checkpoints"]

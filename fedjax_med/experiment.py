@@ -1,4 +1,5 @@
-"""The run loop: rounds of any FederatedAlgorithm, with a progress bar.
+"""The run loop: rounds of any FederatedAlgorithm, with a progress bar,
+checkpoints and an audit log (`run_rounds`), and seeds in one compile (`run_seeds`).
 
 Randomness: one key per run, `jax.random.PRNGKey(seed)`; round r uses
 `fold_in(run_key, r)` and site k within it `fold_in(round_key, k)`, so the
@@ -31,37 +32,80 @@ def run_rounds(algo: FederatedAlgorithm, state: ServerState, data: FederatedData
                num_rounds: int, run_key: jax.Array, *, first_round: int = 0,
                progress: bool = True, desc: str | None = None,
                callback: Callable[[int, ServerState, dict], None] | None = None,
+               checkpoint_dir=None, checkpoint_every: int = 1,
+               max_to_keep: int | None = 3, audit=None, audit_run: str | None = None,
                ) -> tuple[ServerState, dict[str, np.ndarray]]:
-  """Runs `num_rounds` rounds of `algo` from `state`.
+  """Runs rounds of `algo` from `state`: the one run loop of fedjax_med.
 
   Args:
     algo: a FederatedAlgorithm.
     state: its state (from `algo.init`).
     data: training data.
-    num_rounds: rounds to run.
+    num_rounds: rounds to run (with `checkpoint_dir`: rounds of the whole run).
     run_key: the run's key; round r uses `fold_in(run_key, first_round + r)`.
-    first_round: index of the first round (to resume a run exactly).
+    first_round: index of the first round (to resume a run exactly by hand).
     progress: show a tqdm progress bar over rounds.
     desc: progress bar label.
     callback: called as `callback(round_index, state, metrics)` after each round.
+    checkpoint_dir: checkpoint the run there (orbax, `fedjax_med.checkpoint`)
+      after every `checkpoint_every` rounds and after the last, keeping the
+      newest `max_to_keep`; if the folder already holds a checkpoint of this
+      run (same run key and state structure) the run continues after it, and
+      the returned history covers all `num_rounds` rounds. Needs first_round=0.
+    audit: an `fedjax_med.audit.AuditLog` that logs every round (hash chain of
+      the model, the aggregate and each site's update), as `audit_run` (default
+      the algorithm's name), with the state's traced hyperparameters.
 
   Returns:
     (final state, history) where history maps each metric name to an array
     with a leading axis of length num_rounds.
   """
   check_positive_int("run_rounds", "num_rounds", num_rounds)
-  history = []
-  rounds = range(first_round, first_round + num_rounds)
-  bar = tqdm(rounds, desc=desc or algo.name, disable=not progress, leave=False,
-             dynamic_ncols=True)
-  for r in bar:
-    state, metrics = algo.round(state, data, round_key(run_key, r))
-    history.append(metrics)
-    if callback is not None:
-      callback(r, state, metrics)
-  history = jax.device_get(history)
-  stacked = {name: np.stack([h[name] for h in history]) for name in history[0]}
-  return state, stacked
+  check_positive_int("run_rounds", "checkpoint_every", checkpoint_every)
+  history, start, end, manager = [], first_round, first_round + num_rounds, None
+  if checkpoint_dir is not None:
+    if first_round != 0:
+      raise OptionError("run_rounds: with checkpoint_dir the run resumes from its latest"
+                        f" checkpoint by itself; first_round must be 0, got {first_round}")
+    from fedjax_med import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+    manager, start, state, history = checkpoint_lib.resume_run(
+        checkpoint_dir, state, run_key, num_rounds, max_to_keep)
+    end = num_rounds
+  hooks = [callback] if callback is not None else []
+  if audit is not None:
+    hooks.insert(0, audit.run_callback(
+        run=audit_run or algo.name, algorithm=algo.name,
+        hyperparameters=_hyperparameters(state), initial_state=state,
+        site_names=getattr(data, "names", None)))
+  try:
+    bar = tqdm(range(start, end), desc=desc or algo.name, disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for r in bar:
+      state, metrics = algo.round(state, data, round_key(run_key, r))
+      history.append(metrics)     # stays on device: rounds are dispatched without a sync
+      if manager is not None and ((r + 1) % checkpoint_every == 0 or r + 1 == end):
+        checkpoint_lib.save_run(manager, r + 1, state, run_key, stack_history(history))
+      for hook in hooks:
+        hook(r, state, metrics)
+  finally:
+    if manager is not None:
+      manager.wait_until_finished()
+      manager.close()
+  return state, stack_history(history)
+
+
+def stack_history(history: Sequence[dict]) -> dict[str, np.ndarray]:
+  """Per-round metric dicts -> {metric: array with a leading round axis}."""
+  if not history:
+    return {}
+  history = jax.device_get(list(history))
+  return {name: np.stack([np.asarray(h[name]) for h in history]) for name in history[0]}
+
+
+def _hyperparameters(state: ServerState) -> dict:
+  """The state's traced numbers as plain floats (for the audit log)."""
+  values = {**{f"client_{k}": v for k, v in state.client_hparams.items()}, **state.hparams}
+  return {k: float(np.asarray(v)) for k, v in values.items() if np.size(v) == 1}
 
 
 def stack_states(states: Sequence[ServerState]) -> ServerState:
