@@ -55,10 +55,10 @@ import numpy as np
 from fedjax_med.core.algorithm import FederatedAlgorithm, make_round, with_data_check
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.options import OptionError, check_positive_int
+from fedjax_med.core.streams import PATCH_STREAM  # noqa: F401 (re-exported)
 
 # The patch stream's key is fold_in(round_key, PATCH_STREAM): a value that no
 # site id takes in practice and distinct from the server stream (2**32 - 1).
-PATCH_STREAM = np.uint32(2**32 - 2)
 
 
 # -- patch sampling -----------------------------------------------------------

@@ -55,8 +55,8 @@ from fedjax_med.core.algorithm import FederatedAlgorithm, make_algorithm
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.options import OptionError, reject_unknown
 from fedjax_med.core.tree import tree_select
+from fedjax_med.core.streams import AVAILABILITY_STREAM  # noqa: F401 (re-exported)
 
-AVAILABILITY_STREAM = np.uint32(2**32 - 11)
 HPARAM = "availability"
 
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fedjax_med.algorithms.fedavg import COMMON_OPTIONS, SGD_LR_1, cohort_positions
@@ -37,8 +36,8 @@ from fedjax_med.core.objective import loss_and_grad
 from fedjax_med.core.options import OptionError, check_optimizer, reject_unknown
 from fedjax_med.core.state import init_client_optimizer, injected_hyperparams
 from fedjax_med.core.tree import tree_l2_norm
+from fedjax_med.core.streams import ORDER_STREAM  # noqa: F401 (re-exported)
 
-ORDER_STREAM = np.uint32(2**32 - 3)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,6 @@ and keeps v_k as its client state; the server is FedAvg's
 from __future__ import annotations
 
 import jax
-import numpy as np
 import optax
 
 from fedjax_med.core import aggregation as agg
@@ -35,8 +34,8 @@ from fedjax_med.core.algorithm import FederatedAlgorithm
 from fedjax_med.core.kit import COMMON_OPTIONS, SGD_LR_1
 from fedjax_med.core.options import check_nonnegative_float, check_optimizer, reject_unknown
 from fedjax_med.core.state import optimizer_hparams, select_prefixed
+from fedjax_med.core.streams import PERSONAL_STREAM  # noqa: F401 (re-exported)
 
-PERSONAL_STREAM = np.uint32(2**32 - 4)
 # The personal optimizer's traced hyperparameters are state.hparams["personal_<name>"].
 PERSONAL_PREFIX = "personal"
 

@@ -83,13 +83,12 @@ from fedjax_med.core.options import (OptionError, check_choice, check_nonnegativ
                                      check_optimizer, check_positive_int, reject_unknown)
 from fedjax_med.core.state import init_client_optimizer, injected_hyperparams
 from fedjax_med.core.tree import tree_l2_norm
+from fedjax_med.core.streams import RESTART_STREAM, DURATION_STREAM  # noqa: F401 (re-exported)
 
 # Event e >= 1 of a round: keys from fold_in(fold_in(round_key, RESTART_STREAM), e);
 # distinct from site ids, SAMPLING_STREAM (2^32 - 2) and SERVER_STREAM (2^32 - 1).
-RESTART_STREAM = np.uint32(2**32 - 3)
 # Within a job's client key: the duration jitter's normal draw (pass keys use small
 # integers, the local steps STEP_STREAM = 2^32 - 1).
-DURATION_STREAM = np.uint32(2**32 - 2)
 
 _OPTIONS = ("client_optimizer", "buffer_size", "server_optimizer", "local_epochs",
             "local_steps", "batch_size", "weighting", "staleness_exponent", "jitter",

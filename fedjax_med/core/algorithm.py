@@ -19,16 +19,15 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.state import ServerState, canonical_hparams
 from fedjax_med.core.tree import tree_select
+from fedjax_med.core.streams import SERVER_STREAM  # noqa: F401 (re-exported)
 
 # Site k's key is fold_in(round_key, k); the server's randomness (aggregation
 # noise, ...) uses fold_in(round_key, SERVER_STREAM), a value no site index takes.
-SERVER_STREAM = np.uint32(2**32 - 1)
 
 
 class FederatedAlgorithm(NamedTuple):

@@ -47,13 +47,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fedjax_med.core import aggregation as agg
 from fedjax_med.core.options import OptionError, check_choice, check_positive_int
+from fedjax_med.core.streams import SAMPLING_STREAM  # noqa: F401 (re-exported)
 
 SAMPLINGS = ("uniform", "uniform_unbiased", "num_examples")
-SAMPLING_STREAM = np.uint32(2**32 - 2)
 
 
 @dataclasses.dataclass(frozen=True)

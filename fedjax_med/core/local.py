@@ -24,18 +24,17 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fedjax_med.core.options import OptionError, check_positive_int
 from fedjax_med.core.tree import tree_select
+from fedjax_med.core.streams import STEP_STREAM  # noqa: F401 (re-exported)
 
 # grad_fn(params, x_batch, y_batch, row_mask, step_key) -> (loss, grads)
 GradFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 # Step t's key is fold_in(fold_in(client_key, STEP_STREAM), t): disjoint from
 # the pass keys fold_in(client_key, e) used for shuffling.
-STEP_STREAM = np.uint32(2**32 - 1)
 
 
 @dataclasses.dataclass(frozen=True)
