@@ -325,7 +325,7 @@ def _fedbuff_round(config: FedBuffConfig, state, data, key):
   num_sites = data.mask.shape[0]
   m = config.buffer_size
   check_num_sites("fedbuff", state.client_states, num_sites)
-  n = jnp.sum(data.mask, axis=1, dtype=jnp.int32)
+  n = data.num_examples
   active = n > 0
   base_w = agg.client_weights(n, config.weighting)
   check_batches_span_site(config.gradient, config.schedule.batch_size, data.mask.shape[1],

@@ -113,7 +113,7 @@ def put_sites(full: Any, part: Any, indices: jax.Array | None) -> Any:
 def select_cohort(spec: CohortSpec, data: Any, client_states: Any,
                   round_key: jax.Array) -> Cohort:
   """Samples the cohort and gathers its data, client states and weights."""
-  num_examples = jnp.sum(data.mask, axis=1, dtype=jnp.int32)
+  num_examples = data.num_examples
   num_sites = num_examples.shape[0]
   if spec.size is None:
     return Cohort(None, data, client_states,

@@ -455,7 +455,7 @@ def kit_round(config: KitConfig, state, data, key):
   else:
     fn = lambda x_k, y_k, mask_k, key_k: client_fn(x_k, y_k, mask_k, key_k, ())
 
-  num_examples = jnp.sum(cohort.data.mask, axis=1, dtype=jnp.int32)
+  num_examples = cohort.data.num_examples
   positions = cohort_positions(cohort, num_sites)
   s_key = server_key(key)
   participated = cohort_lib.participated(cohort)
@@ -507,7 +507,7 @@ def kit_round(config: KitConfig, state, data, key):
 
 def data_num_examples(data) -> jax.Array:
   """n_k of every site, `[K]` int32."""
-  return jnp.sum(data.mask, axis=1, dtype=jnp.int32)
+  return data.num_examples
 
 
 def cohort_positions(cohort: cohort_lib.Cohort, size: int) -> jax.Array:
