@@ -33,7 +33,7 @@ from fedjax_med.core import kit
 from fedjax_med.core.algorithm import FederatedAlgorithm
 from fedjax_med.core.kit import COMMON_OPTIONS, SGD_LR_1
 from fedjax_med.core.options import check_nonnegative_float, check_optimizer, reject_unknown
-from fedjax_med.core.state import optimizer_hparams, select_prefixed
+from fedjax_med.core.state import select_prefixed
 from fedjax_med.core.streams import PERSONAL_STREAM  # noqa: F401 (re-exported)
 
 # The personal optimizer's traced hyperparameters are state.hparams["personal_<name>"].
@@ -101,21 +101,17 @@ def ditto(loss_fn, *, lam: float, client_optimizer: optax.GradientTransformation
   base = kit.build_algorithm(
       "ditto", loss_fn, client_update=ditto_client_update, server_update=_ditto_server,
       init_client_state=_own_copy, hparams={"lam": lam}, static=personal_optimizer,
+      prefixed_optimizers={PERSONAL_PREFIX: personal_optimizer},
       client_optimizer=client_optimizer, server_optimizer=server_optimizer,
       local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
       weighting=weighting, aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size,
       sampling=sampling, client_chunk_size=client_chunk_size)
 
-  def init(params, num_sites: int | None = None):
-    state = base.init(params, num_sites)
-    return state._replace(hparams={
-        **state.hparams, **optimizer_hparams(PERSONAL_PREFIX, personal_optimizer, params)})
-
   def personalize(state, data, key):
     del data, key
     return state.client_states["params"]
 
-  return base._replace(init=init, personalize=personalize)
+  return base._replace(personalize=personalize)
 
 
 __all__ = ["ditto", "ditto_client_update", "PERSONAL_STREAM"]

@@ -28,7 +28,7 @@ from fedjax_med.core.algorithm import FederatedAlgorithm, arrays_only
 from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
 from fedjax_med.core.objective import loss_and_grad
 from fedjax_med.core.options import check_optimizer, check_positive_int, reject_unknown
-from fedjax_med.core.state import init_client_optimizer, optimizer_hparams, select_prefixed
+from fedjax_med.core.state import init_client_optimizer, select_prefixed
 
 # The fine-tuning optimizer's traced hyperparameters are state.hparams["finetune_<name>"].
 FINETUNE_PREFIX = "finetune"
@@ -63,32 +63,28 @@ def fedavg_finetune(loss_fn, *, client_optimizer: optax.GradientTransformation,
   """
   reject_unknown("fedavg_finetune", unknown_options,
                  COMMON_OPTIONS + ("finetune_steps", "finetune_optimizer"))
+  optimizer = check_optimizer("fedavg_finetune", "finetune_optimizer",
+                              finetune_optimizer if finetune_optimizer is not None
+                              else client_optimizer)
+  config = FinetuneConfig(
+      loss_fn=loss_fn, optimizer=optimizer,
+      schedule=make_schedule("fedavg_finetune", batch_size, None,
+                             check_positive_int("fedavg_finetune", "finetune_steps",
+                                                finetune_steps), shuffle))
   base = kit.build_algorithm(
       "fedavg_finetune", loss_fn, client_optimizer=client_optimizer,
       server_optimizer=server_optimizer, local_epochs=local_epochs,
       local_steps=local_steps, batch_size=batch_size, weighting=weighting,
       aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size, sampling=sampling,
       gradient_estimator=gradient_estimator, downlink=downlink,
-                  client_chunk_size=client_chunk_size)
-  optimizer = finetune_optimizer if finetune_optimizer is not None else client_optimizer
-  config = FinetuneConfig(
-      loss_fn=loss_fn,
-      optimizer=check_optimizer("fedavg_finetune", "finetune_optimizer", optimizer),
-      schedule=make_schedule("fedavg_finetune", batch_size, None,
-                             check_positive_int("fedavg_finetune", "finetune_steps",
-                                                finetune_steps), shuffle))
-
-  def init(params, num_sites: int | None = None):
-    state = base.init(params, num_sites)
-    return state._replace(hparams={
-        **state.hparams, **optimizer_hparams(FINETUNE_PREFIX, config.optimizer, params)})
+      client_chunk_size=client_chunk_size, prefixed_optimizers={FINETUNE_PREFIX: optimizer})
 
   def personalize(state, data, key):
     """Per-site fine-tuned models `[K, ...]` from the global `state.params`."""
     return _finetune_jit(config, state.params, select_prefixed(FINETUNE_PREFIX, state.hparams),
                          arrays_only(data), key)
 
-  return base._replace(init=init, personalize=personalize)
+  return base._replace(personalize=personalize)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -85,10 +85,6 @@ def local_only(loss_fn, *, optimizer: optax.GradientTransformation,
       client_optimizer=optimizer, server_optimizer=_NO_SERVER_OPTIMIZER,
       local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
       shuffle=shuffle, client_chunk_size=client_chunk_size)
-
-  def init(params, num_sites: int):
-    return algo.init(params, num_sites)
-
   def round_fn(state, data, key):
     state, metrics = algo.round(state, data, key)
     return state, {name: metrics[name] for name in _METRICS}
@@ -97,7 +93,7 @@ def local_only(loss_fn, *, optimizer: optax.GradientTransformation,
     state, metrics = algo.pure_round(state, data, key)
     return state, {name: metrics[name] for name in _METRICS}
 
-  return algo._replace(init=init, round=round_fn, pure_round=pure_round)
+  return algo._replace(round=round_fn, pure_round=pure_round)
 
 
 __all__ = ["local_only", "local_client_update", "local_server_update"]

@@ -136,11 +136,7 @@ def scaffold(loss_fn, *, client_learning_rate: float,
       batch_size=batch_size, weighting=weighting, aggregator=aggregator, shuffle=shuffle,
       cohort_size=cohort_size, sampling=sampling, client_chunk_size=client_chunk_size,
       client_hparams={"learning_rate": lr})
-
-  def init(params, num_sites: int):
-    return algo.init(params, num_sites)
-
-  return algo._replace(init=init)
+  return algo
 
 
 def population_weights(num_examples: jax.Array, weighting: str) -> jax.Array:

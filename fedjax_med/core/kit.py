@@ -82,7 +82,8 @@ from fedjax_med.core.objective import (GradientEstimator, check_batches_span_sit
                                        masked_mean_loss, mean_gradient)
 from fedjax_med.core.options import (OptionError, check_optimizer, check_positive_int,
                                      reject_unknown)
-from fedjax_med.core.state import init_client_optimizer, injected_hyperparams
+from fedjax_med.core.state import (init_client_optimizer, injected_hyperparams,
+                                   optimizer_hparams)
 from fedjax_med.core.tree import tree_l2_norm
 
 SGD_LR_1 = optax.sgd(1.0)
@@ -280,15 +281,13 @@ def normalized_weights(ctx: ServerContext) -> jax.Array:
 def check_common_options(name: str, *, client_optimizer, server_optimizer, local_epochs,
                          local_steps, batch_size, weighting, aggregator, shuffle,
                          cohort_size, sampling, gradient_estimator, downlink,
-                         client_chunk_size, linear_aggregation_only: bool = False
-                         ) -> tuple[dict, GradientEstimator]:
+                         client_chunk_size) -> tuple[dict, GradientEstimator]:
   """Validates the common options once; returns (the static pieces of a
   KitConfig, the gradient estimator)."""
   if local_epochs is None and local_steps is None:
     local_epochs = 1
-  if linear_aggregation_only or client_chunk_size is not None:
-    chunking.require_linear_aggregator(name, client_chunk_size, aggregator,
-                                       agg.weighted_mean())
+  chunking.require_linear_aggregator(name, client_chunk_size, aggregator,
+                                     agg.weighted_mean())
   estimator = gradient_estimator or mean_gradient()
   if not isinstance(estimator, GradientEstimator):
     raise OptionError(f"{name}: gradient_estimator must be a GradientEstimator (e.g."
@@ -313,6 +312,7 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
                     init_server_state: Callable | None = None,
                     hparams: dict | None = None, personalize: Callable | None = None,
                     static: Any = None, client_hparams: dict | None = None,
+                    prefixed_optimizers: dict | None = None,
                     client_optimizer: optax.GradientTransformation,
                     server_optimizer: optax.GradientTransformation = SGD_LR_1,
                     local_epochs: int | None = None, local_steps: int | None = None,
@@ -343,6 +343,11 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
     client_hparams: initial traced client-optimizer hyperparameters
       (`state.client_hparams`), overriding the optimizer's injected values
       (e.g. SCAFFOLD's client learning rate on one shared optimizer object).
+    prefixed_optimizers: `{prefix: optimizer}` for client-side optimizers
+      beside the client optimizer (Ditto's personal step, fine-tuning): each
+      one's injected hyperparameters are traced in `state.hparams` as
+      `{prefix}_{name}` (settable on their own with `set_hyperparams`); read
+      them back with `fedjax_med.core.state.select_prefixed(prefix, ctx.hparams)`.
     client_optimizer ... client_chunk_size: the common options, as for
       `fedjax_med.algorithms.fedavg`.
 
@@ -374,11 +379,14 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
       check_positive_int(f"{name}.init", "num_sites", num_sites)
       client_states = stack_sites(init_client_state(params), num_sites)
     algorithm_state = init_server_state(params) if init_server_state is not None else ()
+    second = {name: value for prefix, optimizer in (prefixed_optimizers or {}).items()
+              for name, value in optimizer_hparams(prefix, optimizer, params).items()}
     return new_server_state(
         params, config.server_optimizer,
         client_hparams={**injected_hyperparams(config.client_optimizer.init(params)),
                         **(client_hparams or {})},
-        hparams=traced, client_states=client_states, algorithm_state=algorithm_state,
+        hparams={**traced, **second}, client_states=client_states,
+        algorithm_state=algorithm_state,
         aggregator_state=config.aggregator.init(params, num_sites))
 
   return make_algorithm(name, kit_round, config, loss_fn, init, personalize)
@@ -444,25 +452,24 @@ def kit_round(config: KitConfig, state, data, key):
       # A client with no data keeps its state exactly.
       new_state = jax.tree_util.tree_map(
           lambda new, old: jnp.where(jnp.any(mask_k), new, old), new_state, state_k)
-    return result.update, (new_state, dict(result.values))
+    values = {**result.values, "num_examples": jnp.sum(mask_k, dtype=jnp.int32)}
+    return result.update, (new_state, values)
 
-  client_states = cohort.client_states if config.has_client_state else None
   inputs = (cohort.data.x, cohort.data.y, cohort.data.mask,
             client_keys(key, cohort.data.site_ids))
   if config.has_client_state:
     fn = client_fn
-    inputs = inputs + (client_states,)
+    inputs = inputs + (cohort.client_states,)
   else:
     fn = lambda x_k, y_k, mask_k, key_k: client_fn(x_k, y_k, mask_k, key_k, ())
 
-  num_examples = cohort.data.num_examples
   positions = cohort_positions(cohort, num_sites)
   s_key = server_key(key)
   participated = cohort_lib.participated(cohort)
 
   def server_ctx(weights):
     return ServerContext(config, state.hparams, cohort.weights, weights, positions,
-                         num_sites, data_num_examples(data), participated, s_key)
+                         num_sites, data.num_examples, participated, s_key)
 
   if config.client_weights is None:
     weights = cohort.weights
@@ -474,12 +481,10 @@ def kit_round(config: KitConfig, state, data, key):
     updates, (new_states, values) = chunking.map_clients(
         lambda *a: ((), fn(*a)), inputs, jnp.zeros_like(cohort.weights),
         config.client_chunk_size)[1]
-    values = {**values, "num_examples": num_examples}
     weights = config.client_weights(server_ctx(cohort.weights), values).astype(jnp.float32)
     update, aggregator_state, agg_metrics = config.aggregator.aggregate(
         updates, weights, state.aggregator_state, s_key, cohort.context)
     update = chunking.scaled_aggregate(update, cohort.context)
-  values = {**values, "num_examples": num_examples}
 
   result = config.server_update(server_ctx(weights), state, update, values)
   if not isinstance(result, ServerResult):
@@ -495,7 +500,7 @@ def kit_round(config: KitConfig, state, data, key):
   for name, metric in _VALUE_METRICS.items():
     if name in values:
       metrics[metric] = values[name]
-  metrics.update({"num_examples": num_examples, "cohort": positions,
+  metrics.update({"num_examples": values["num_examples"], "cohort": positions,
                   "update_norm": tree_l2_norm(update), **agg_metrics, **result.metrics,
                   **downlink_metrics})
   new_state = state._replace(params=result.params, server_opt_state=result.server_opt_state,
@@ -503,11 +508,6 @@ def kit_round(config: KitConfig, state, data, key):
                              aggregator_state=aggregator_state,
                              client_states=new_client_states, round=state.round + 1)
   return new_state, metrics
-
-
-def data_num_examples(data) -> jax.Array:
-  """n_k of every site, `[K]` int32."""
-  return data.num_examples
 
 
 def cohort_positions(cohort: cohort_lib.Cohort, size: int) -> jax.Array:
@@ -522,4 +522,4 @@ __all__ = ["ClientData", "ClientResult", "ServerResult", "ClientContext", "Serve
            "local_training", "site_loss", "pseudo_gradient", "fedavg_client_update",
            "apply_server_update", "normalized_weights", "check_common_options",
            "reject_fixed_options", "OptionError",
-           "build_algorithm", "kit_round", "data_num_examples", "cohort_positions"]
+           "build_algorithm", "kit_round", "cohort_positions"]

@@ -127,7 +127,8 @@ def gaussian_noise_like(key: jax.Array, tree: Any, stddev: jax.Array) -> Any:
 # The marker and the check live in the core (`fedjax_med.core.objective`), where
 # estimators meet local schedules; re-exported here for the privacy API.
 from fedjax_med.core.objective import (  # pylint: disable=g-import-not-at-top
-    WHOLE_SITE_ATTR, check_batches_span_site, mark_whole_site, needs_whole_site)
+    WHOLE_SITE_ATTR, check_batches_span_site, fill_padded_rows, mark_whole_site,
+    needs_whole_site)
 
 
 def _make_build(mode: str):
@@ -191,21 +192,6 @@ def dp_sgd_gradient(loss_fn, params, x, y, mask, key, hparams: dict, mode: str):
 def _rows(row_mask: jax.Array, leaf: jax.Array) -> jax.Array:
   """`[B]` mask reshaped to broadcast against a `[B, ...]` leaf."""
   return row_mask.reshape((-1,) + (1,) * (leaf.ndim - 1))
-
-
-def fill_padded_rows(x: jax.Array, y: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """x, y with every padded row replaced by the site's first real row.
-
-  A padded row (zeros) never reaches the loss, so a loss that is non-finite at
-  x = 0 or y = 0 (log y, a Poisson NLL) cannot put NaN into the per-example
-  gradients; the replaced rows stay masked out (never sampled). A site with
-  no real row keeps its zeros: all its rows are masked, their gradients are
-  discarded with `jnp.where` (never multiplied by 0), so NaN cannot leak.
-  """
-  first = jnp.argmax(mask)
-  x = jnp.where(_rows(mask, x), x, x[first])
-  y = jnp.where(_rows(mask, y), y, y[first])
-  return x, y
 
 
 def dp_sgd(clip_norm: float, noise_multiplier: float, *,

@@ -56,7 +56,7 @@ from fedjax_med.core.aggregation import Aggregator, ClientTransform, chain
 from fedjax_med.core.algorithm import FederatedAlgorithm, with_data_check
 from fedjax_med.core.options import OptionError
 from fedjax_med.privacy import accounting
-from fedjax_med.privacy.patient_level import check_batches_span_site, gaussian_noise_like
+from fedjax_med.privacy.patient_level import gaussian_noise_like
 from fedjax_med.robust import clip_to_norm
 
 
@@ -257,13 +257,11 @@ def dp_fedavg(loss_fn, *, clip_norm: float, noise_multiplier: float,
                 gradient_estimator=gradient_estimator, downlink=downlink)
 
   def check(data):
-    k, n_max = data.mask.shape[:2]
+    k = data.mask.shape[0]
     if cohort_size is None and k != num_sites:
       raise ValueError(f"dp_fedavg: built for num_sites={num_sites} (denominator W ="
                        f" {expected:g}) but the data has K = {k} sites; rebuild with"
                        f" num_sites={k}")
-    if gradient_estimator is not None:
-      check_batches_span_site(gradient_estimator, batch_size, n_max, "dp_fedavg")
 
   return with_data_check(algo, check, "dp_fedavg")
 
