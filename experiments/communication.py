@@ -38,9 +38,9 @@ Outputs in --out:
                 bytes_up_total, sim_time, wall_time_s, train_loss (site "all")
   table.md      the accuracy-bytes-time table per dataset and the per-site table
   metric_vs_bytes.png, metric_vs_time.png (and curves.png, sites.png,
-  metric_vs_wall_time.png) from fedjax_med.report.write_report
+  metric_vs_wall_time.png) from fedjax_med.training.report.write_report
   --audit PATH  one tamper-evident JSONL round log for every run
-                (fedjax_med.audit; verify with fm.audit.verify(PATH)); the chain's
+                (fedjax_med.training.audit; verify with fm.audit.verify(PATH)); the chain's
                 head is kept in PATH.head, and an existing log is never
                 overwritten (choose a new PATH for a new run)
 """

@@ -6,7 +6,7 @@ children (4 images) each; children 11-14 (8 images) are the held-out test
 set (the split of U-Net-family papers; Idiap's benchmark uses the reverse).
 A small U-Net (`fm.models.UNet`, 29k parameters) is trained on random
 48 x 48 patches drawn inside the field of view (FOV) in every round
-(`fedjax_med.segmentation.with_patches`), with BCE + soft-Dice loss inside
+(`fedjax_med.algorithms.segmentation.with_patches`), with BCE + soft-Dice loss inside
 the FOV; test images are segmented whole by overlapping tiles
 (`predict_tiled`) at full resolution (960 x 999) and thresholded at 0.5.
 
@@ -56,7 +56,7 @@ from fedjax_med.data.chase_db1 import chase_db1, load_raw, site_image_ids
 from fedjax_med.losses.segmentation import bce_dice
 from fedjax_med.metrics.segmentation import dice, pixel_accuracy, pixel_roc_auc
 from fedjax_med.models.unet import UNet
-from fedjax_med.segmentation import predict_tiled, with_patches
+from fedjax_med.algorithms.segmentation import predict_tiled, with_patches
 
 DATASET = "chase_db1"
 METRICS = ("dice", "accuracy", "auc", "dice_image")

@@ -28,7 +28,7 @@ training), from the same initial model within a seed:
   ditto             Ditto, lambda = 0.1
 
 The floors are constant models scored by the same evaluation code
-(`fedjax_med.evaluation_tasks.regression_report`). Metric: MAE and RMSE on
+(`fedjax_med.training.evaluation_tasks.regression_report`). Metric: MAE and RMSE on
 each patient's test days, their unweighted mean over patients (site "mean")
 and over all test rows ("pooled"; SOURCE.md's floor figures are of this
 kind), and per seed the share of patients on whom a strategy has a lower MAE

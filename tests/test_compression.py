@@ -12,7 +12,7 @@ import pytest
 import fedjax_med as fm
 from conftest import bce_loss, init_params, make_sites
 from fedjax_med import compression as C
-from fedjax_med.compression.qsgd import qsgd_levels
+from fedjax_med.aggregators.compression.qsgd import qsgd_levels
 from fedjax_med.core import aggregation as agg
 from fedjax_med.core.options import OptionError
 
@@ -115,7 +115,7 @@ def test_hadamard_transform_and_rotation_are_exact():
       x = np.random.default_rng(n).normal(size=n).astype(np.float32)
       np.testing.assert_allclose(C.hadamard_transform(jnp.asarray(x)), hadamard @ x,
                                  rtol=1e-5, atol=1e-5)
-  from fedjax_med.compression.rotation import rotate, unrotate
+  from fedjax_med.aggregators.compression.rotation import rotate, unrotate
   x = _vector(d=13)
   seed = jnp.asarray([7], jnp.uint32)
   y = rotate(x, seed)

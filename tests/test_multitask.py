@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import fedjax_med as fm
-from fedjax_med.evaluation_tasks import multitask_report
+from fedjax_med.training.evaluation_tasks import multitask_report
 from fedjax_med.losses.multitask import (masked_bce_terms, masked_multitask_bce,
                                          observed_fraction, observed_mean_bce)
 from fedjax_med.metrics.classification import roc_auc

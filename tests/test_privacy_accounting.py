@@ -10,8 +10,8 @@ from dp_accounting import pld, rdp
 import fedjax_med as fm
 from conftest import bce_loss, init_params, make_sites
 from fedjax_med.privacy import accounting
-from fedjax_med.privacy.patient_level import dp_sgd_fedavg
-from fedjax_med.privacy.site_level import dp_fedavg
+from fedjax_med.algorithms.dp_fedavg import dp_sgd_fedavg
+from fedjax_med.algorithms.dp_fedavg import dp_fedavg
 
 DELTA = 1e-5
 

@@ -11,7 +11,8 @@ import fedjax_med as fm
 from conftest import bce_loss, init_params, make_sites, np_bce_grad
 from fedjax_med.core.local import STEP_STREAM
 from fedjax_med.privacy import patient_level as pl
-from fedjax_med.privacy.patient_level import dp_sgd, dp_sgd_fedavg
+from fedjax_med.algorithms.dp_fedavg import dp_sgd_fedavg
+from fedjax_med.privacy.patient_level import dp_sgd
 
 
 def test_per_example_clipping_bounds_and_leaves_small_gradients_unchanged():

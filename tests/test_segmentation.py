@@ -19,7 +19,7 @@ from fedjax_med.metrics.classification import roc_auc
 from fedjax_med.metrics.segmentation import (dice, pixel_accuracy, pixel_roc_auc,
                                              segmentation_scores)
 from fedjax_med.models.unet import UNet, conv2d_same, num_params
-from fedjax_med.segmentation import (crop, patch_data, predict_tiled, sample_corners,
+from fedjax_med.algorithms.segmentation import (crop, patch_data, predict_tiled, sample_corners,
                                      sample_patches, tile_windows, with_patches)
 
 

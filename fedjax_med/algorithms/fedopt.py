@@ -3,7 +3,7 @@
 FedAvg's local training and aggregation, with an adaptive server step on the
 aggregated pseudo-gradient: Algorithm 2 of the paper, without bias
 correction and with tau outside the square root, as in FLamby's
-`flamby/strategies/fed_opt.py` (see `fedjax_med.optimizers`). All server
+`flamby/strategies/fed_opt.py` (see `fedjax_med.core.server_optimizers`). All server
 hyperparameters (learning rate, beta1, beta2, tau) are traced:
 `fm.set_hyperparams(state, server={"learning_rate": 0.1})` recompiles nothing.
 """
@@ -14,7 +14,7 @@ import functools
 
 import optax
 
-from fedjax_med import optimizers
+from fedjax_med.core import server_optimizers as optimizers
 from fedjax_med.core import kit
 from fedjax_med.core.kit import COMMON_OPTIONS
 from fedjax_med.core import aggregation as agg

@@ -44,7 +44,7 @@ label_type "binary" (both channels are in {0, 1}). Per-pixel labels are
 just another label shape for the core; the FOV channel travels with the
 data so that losses (`fedjax_med.losses.segmentation`) and metrics
 (`fedjax_med.metrics.segmentation`) are restricted to it. Training on
-random patches of these images is `fedjax_med.segmentation.with_patches`.
+random patches of these images is `fedjax_med.algorithms.segmentation.with_patches`.
 Memory: the default train and test sets hold ~540 MB of float32 arrays.
 
 Decoding: images and labels are decoded with Pillow once, checked against

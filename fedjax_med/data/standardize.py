@@ -27,7 +27,7 @@ outside any DP epsilon reported by `fedjax_med.privacy` (no noise is added).
   M2_k, i.e. each site's own mean and variance of every feature; it publishes
   the global n, mean and std to the sites.
 * Secure aggregation (`secure=SecureSumOptions(...)`, Bonawitz et al. 2017
-  through `fedjax_med.privacy.secure_aggregation.secure_sum`): three secure
+  through `fedjax_med.aggregators.secure.secure_sum`): three secure
   sums (counts, first moment, second moment); the server learns only the
   global n, mean and variance, never a site's n_k or sums (up to collusion
   with t or more sites). The sites learn the global n, mean and std. Payloads
@@ -202,8 +202,8 @@ def _secure_round(payloads: np.ndarray, options: SecureSumOptions, scale: float,
   as round(p_k s) (s a power of two: error 1 / (2 s)), summed exactly in
   Z_{2^32}, decoded to float32 (error 2^-24 |sum|).
   """
-  # Imported here: plain sums do not need the privacy package.
-  from fedjax_med.privacy import secure_aggregation as sa
+  # Imported here: plain sums do not need the secure-aggregation module.
+  from fedjax_med.aggregators import secure as sa
 
   k = payloads.shape[0]
   over = np.abs(payloads) > clip_range

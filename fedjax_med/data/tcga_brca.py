@@ -11,7 +11,7 @@ indicator E (1 = death observed, 0 = censored) and a time T in days (time of
 death, or of the last follow-up when censored). The FLamby baseline is a
 linear Cox model 39 -> 1 trained with the Cox partial likelihood
 (`fedjax_med.losses.cox_loss`) and scored with Harrell's C-index
-(`fedjax_med.metrics.c_index`, `fedjax_med.evaluation.survival_report`).
+(`fedjax_med.metrics.c_index`, `fedjax_med.training.evaluation.survival_report`).
 
 Preprocessing, exactly as FLamby's `fed_tcga_brca/dataset.py`:
   1. x = columns 1..39 of brca.csv in file order (age_at_index in years plus

@@ -49,7 +49,7 @@ from fedjax_med.data import partition as partition_lib
 PARTITIONS = partition_lib.METHODS   # ("iid", "dirichlet", "quantity", "column")
 _CHUNK = 4096
 _EXTRA_MESSAGE = (
-    "fedjax_med.datasets.from_tfds needs the optional dependency tensorflow-datasets;"
+    "fedjax_med.data.from_tfds needs the optional dependency tensorflow-datasets;"
     " install it with: pip install 'fedjax_med[tfds]'")
 
 

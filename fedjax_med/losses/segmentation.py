@@ -1,7 +1,7 @@
 """Per-pixel segmentation losses: BCE + soft Dice inside a validity (FOV) mask.
 
 Labels are per-pixel: `y [B, H, W, 2]` = (target in {0, 1}, valid in {0, 1}),
-the layout of `fedjax_med.datasets.chase_db1` (valid = field of view), or
+the layout of `fedjax_med.data.chase_db1` (valid = field of view), or
 `y [B, H, W]` / `[B, H, W, 1]` = target alone (every pixel valid). The model
 gives logits `[B, H, W]` or `[B, H, W, 1]`. With p = sigmoid(z), t the
 target and v the validity mask, over the pixels j of one patch i:

@@ -111,7 +111,7 @@ def cox_loss(apply_fn: ApplyFn, ties: str = "flamby") -> Callable:
   `fedjax_med.batch_loss`) equal to
   `cox_partial_likelihood(r, y[:, 0], y[:, 1], mask, ties)` with
   r = apply_fn(params, x) reshaped to `[B]`: y `[B, 2]` holds (event E,
-  time T) per row, as `fedjax_med.datasets.tcga_brca` stores it. The risk
+  time T) per row, as `fedjax_med.data.tcga_brca` stores it. The risk
   set of a row spans its batch only (FLamby trains with batches of 8), and
   `fedjax_med.site_objectives` passes a site's whole data as one batch.
 

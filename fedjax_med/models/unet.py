@@ -11,7 +11,7 @@ the encoder's skip connection, `convs_per_block` 3x3 convolutions; then a
 'SAME' zero padding. There is no normalisation layer, so a pixel's output
 depends only on the input pixels within `receptive_radius()` of it, never
 on the size of the input: that is what makes tiled inference
-(`fedjax_med.segmentation.predict_tiled`) equal to running the whole image.
+(`fedjax_med.algorithms.segmentation.predict_tiled`) equal to running the whole image.
 
 H and W must be multiples of 2^(D-1) (`size_multiple()`); pad the input
 (e.g. 960 x 999 -> 960 x 1000) or use `predict_tiled`, which pads.
@@ -199,7 +199,7 @@ class UNet(nn.Module):
       raise ValueError(
           f"UNet: H and W must be multiples of {m} for {len(self.features)} levels, got"
           f" {x.shape[1]} x {x.shape[2]}; pad the image (or use"
-          " fedjax_med.segmentation.predict_tiled, which pads)")
+          " fedjax_med.algorithms.segmentation.predict_tiled, which pads)")
 
     def block(h, width, name):
       for i in range(self.convs_per_block):

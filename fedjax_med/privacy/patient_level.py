@@ -54,13 +54,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from fedjax_med.algorithms.fedavg import SGD_LR_1, fedavg
-from fedjax_med.core.algorithm import FederatedAlgorithm, with_data_check
 from fedjax_med.core.local import row_uniforms
 from fedjax_med.core.objective import GradientEstimator, is_batch_loss
-from fedjax_med.core.options import OptionError, check_positive_int
+from fedjax_med.core.options import OptionError
 from fedjax_med.core.tree import tree_l2_norm
 from fedjax_med.privacy import accounting
 
@@ -231,64 +228,8 @@ def dp_sgd(clip_norm: float, noise_multiplier: float, *,
                                            mode: value})
 
 
-def dp_sgd_fedavg(loss_fn, *, max_examples: int, clip_norm: float, noise_multiplier: float,
-                  client_optimizer: optax.GradientTransformation,
-                  expected_batch_size: float | None = None,
-                  sampling_rate: float | None = None, local_steps: int = 1,
-                  server_optimizer: optax.GradientTransformation = SGD_LR_1,
-                  weighting: str = "num_examples", aggregator=None,
-                  cohort_size: int | None = None, sampling: str = "uniform",
-                  downlink=None) -> FederatedAlgorithm:
-  """FedAvg whose sites train with patient-level DP-SGD (`dp_sgd`).
-
-  Each round every participating site runs `local_steps` DP-SGD steps; each
-  step Poisson-samples the site's rows (batch = the whole padded site,
-  `batch_size = max_examples`), so the accountant's event
-  PoissonSampled(q_k, Gaussian(sigma)) is exactly what runs.
-
-  Args:
-    loss_fn: per-example loss `(params, x, y) -> [B]`.
-    max_examples: N_max of the data the algorithm will see (e.g.
-      `train.max_examples`); rounds on data with more padded rows raise.
-    clip_norm, noise_multiplier, expected_batch_size / sampling_rate: see `dp_sgd`.
-    client_optimizer: optax transformation of the local steps (e.g. optax.sgd).
-    local_steps: DP-SGD steps per site per round.
-    server_optimizer, weighting, aggregator, cohort_size, sampling, downlink:
-      as `fm.algorithms.fedavg` (n_k, used for weighting, is treated as public).
-
-  Returns:
-    A FederatedAlgorithm (name "dp_sgd_fedavg"); pair it with
-    `PatientLevelAccountant(data.num_examples, delta, expected_batch_size=...)`
-    as a `run_rounds` callback to get every site's epsilon after every round.
-  """
-  n_max = check_positive_int("dp_sgd_fedavg", "max_examples", max_examples)
-  steps = check_positive_int("dp_sgd_fedavg", "local_steps", local_steps)
-  estimator = dp_sgd(clip_norm, noise_multiplier, expected_batch_size=expected_batch_size,
-                     sampling_rate=sampling_rate)
-  algo = fedavg(loss_fn, client_optimizer=client_optimizer,
-                server_optimizer=server_optimizer, local_steps=steps, batch_size=n_max,
-                weighting=weighting, aggregator=aggregator, shuffle=False,
-                cohort_size=cohort_size, sampling=sampling, gradient_estimator=estimator,
-                downlink=downlink)
-  return with_batch_check(algo, n_max, "dp_sgd_fedavg")
-
-
-def with_batch_check(algo: FederatedAlgorithm, n_max: int, name: str) -> FederatedAlgorithm:
-  """`algo` whose rounds refuse data padded beyond n_max rows (the DP-SGD batch)."""
-
-  def check(data):
-    rows = data.mask.shape[1]
-    if rows > n_max:
-      raise ValueError(
-          f"{name}: data has N_max = {rows} padded rows per site but the algorithm was"
-          f" built with max_examples = {n_max}; a DP-SGD step must see the whole site"
-          f" (Poisson sampling over all its rows). Rebuild with max_examples >= {rows}")
-
-  return with_data_check(algo, check, name)
-
-
 __all__ = ["SAMPLE_STREAM", "NOISE_STREAM", "per_example_gradients", "clip_per_example",
            "poisson_row_mask", "site_rate", "gaussian_noise_like", "fill_padded_rows",
-           "dp_sgd_gradient", "dp_sgd", "dp_sgd_fedavg", "with_batch_check",
+           "dp_sgd_gradient", "dp_sgd",
            "WHOLE_SITE_ATTR", "mark_whole_site", "needs_whole_site",
            "check_batches_span_site"]

@@ -49,15 +49,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from fedjax_med.algorithms.fedavg import SGD_LR_1, fedavg
 from fedjax_med.core.aggregation import Aggregator, ClientTransform, chain
-from fedjax_med.core.algorithm import FederatedAlgorithm, with_data_check
 from fedjax_med.core.options import OptionError
 from fedjax_med.privacy import accounting
 from fedjax_med.privacy.patient_level import gaussian_noise_like
-from fedjax_med.robust import clip_to_norm
+from fedjax_med.aggregators.robust import clip_to_norm
 
 
 def clip_updates(clip_norm: float) -> ClientTransform:
@@ -208,63 +205,5 @@ def set_aggregator_hparams(state, **values):
   return new
 
 
-def dp_fedavg(loss_fn, *, clip_norm: float, noise_multiplier: float,
-              client_optimizer: optax.GradientTransformation, num_sites: int | None = None,
-              sampling_rate: float | None = None, cohort_size: int | None = None,
-              local_epochs: int | None = None, local_steps: int | None = None,
-              batch_size: int = 32, server_optimizer: optax.GradientTransformation = SGD_LR_1,
-              pre: tuple = (), gradient_estimator=None, shuffle: bool = True,
-              downlink=None) -> FederatedAlgorithm:
-  """DP-FedAvg: FedAvg with site-level DP aggregation (`site_level_dp`).
-
-  Exactly one way of choosing participants:
-  * every site every round: give `num_sites=K` (W = K);
-  * Poisson site sampling: `num_sites=K, sampling_rate=q` (W = q K);
-  * fixed-size cohorts: `cohort_size=C` (W = C; account with
-    `SiteLevelAccountant(delta, num_sites=K, cohort_size=C)`).
-  Accounting: `SiteLevelAccountant`, whose report names the neighbouring
-  relation ("replace_one" by default; Poisson sampling needs
-  neighboring_relation="add_or_remove_one").
-
-  Args:
-    loss_fn, client_optimizer, local_epochs, local_steps, batch_size,
-    server_optimizer, shuffle, gradient_estimator, downlink: as `fm.algorithms.fedavg`
-      (a `dp_sgd` estimator here gives patient- and site-level DP at once; it
-      needs `batch_size >= N_max` of the data, else the round raises).
-    clip_norm, noise_multiplier: C and sigma.
-    pre: ClientTransforms before clipping (e.g. robust links).
-  """
-  if cohort_size is None and num_sites is None:
-    raise OptionError("dp_fedavg: give num_sites=K (all sites each round or Poisson"
-                      " sampling) or cohort_size=C (fixed-size cohorts)")
-  if cohort_size is not None and sampling_rate is not None:
-    raise OptionError("dp_fedavg: give sampling_rate (Poisson) or cohort_size (fixed"
-                      " size), not both")
-  if cohort_size is not None:
-    expected = float(cohort_size)
-  else:
-    if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1:
-      raise OptionError(f"dp_fedavg: num_sites must be an integer >= 1, got {num_sites!r}")
-    q = 1.0 if sampling_rate is None else accounting.check_rate(
-        "dp_fedavg", "sampling_rate", sampling_rate)
-    expected = q * num_sites
-  aggregator = site_level_dp(clip_norm, noise_multiplier, expected_sites=expected,
-                             sampling_rate=sampling_rate, pre=tuple(pre))
-  algo = fedavg(loss_fn, client_optimizer=client_optimizer, server_optimizer=server_optimizer,
-                local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
-                weighting="uniform", aggregator=aggregator, shuffle=shuffle,
-                cohort_size=cohort_size, sampling="uniform",
-                gradient_estimator=gradient_estimator, downlink=downlink)
-
-  def check(data):
-    k = data.mask.shape[0]
-    if cohort_size is None and k != num_sites:
-      raise ValueError(f"dp_fedavg: built for num_sites={num_sites} (denominator W ="
-                       f" {expected:g}) but the data has K = {k} sites; rebuild with"
-                       f" num_sites={k}")
-
-  return with_data_check(algo, check, "dp_fedavg")
-
-
 __all__ = ["clip_updates", "poisson_site_sampling", "gaussian_sum_mean", "site_level_dp",
-           "set_aggregator_hparams", "dp_fedavg"]
+           "set_aggregator_hparams"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_med.compression.base import Compressor, LeafCodec, per_tensor
+from fedjax_med.aggregators.compression.base import Compressor, LeafCodec, per_tensor
 from fedjax_med.core.options import OptionError
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_med.compression.base import Compressor, flatten, tree_size, unflatten
+from fedjax_med.aggregators.compression.base import Compressor, flatten, tree_size, unflatten
 from fedjax_med.core.options import OptionError
 
 

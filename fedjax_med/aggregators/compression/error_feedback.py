@@ -10,7 +10,7 @@ update g_t:
 
 so sum_t sent_t = sum_t g_t - e_{T+1}: nothing is lost, only delayed. In a
 federation every site keeps its own e_k (per-site state with a leading K
-axis in `fedjax_med.compression.uplink`); a site that does not send in a
+axis in `fedjax_med.aggregators.compression.uplink`); a site that does not send in a
 round keeps its residual unchanged.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_med.compression.base import Compressor, is_stateful
+from fedjax_med.aggregators.compression.base import Compressor, is_stateful
 from fedjax_med.core.options import OptionError
 
 

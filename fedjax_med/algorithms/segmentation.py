@@ -2,7 +2,7 @@
 
 Training on patches. Segmentation data are FederatedData whose rows are
 whole images, `x [K, N_max, H, W, C]`, with per-pixel labels
-`y [K, N_max, H, W, L]` (e.g. `fedjax_med.datasets.chase_db1`: L = 2 =
+`y [K, N_max, H, W, L]` (e.g. `fedjax_med.data.chase_db1`: L = 2 =
 (vessel, FOV)). `with_patches(algo, ...)` turns any FederatedAlgorithm into
 one whose round first draws, for every real image of every site,
 `patches_per_image` random `patch_size x patch_size` crops of x and y (a pure

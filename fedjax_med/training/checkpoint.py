@@ -1,7 +1,7 @@
 """Checkpoints and exact resume of a federated run, with orbax-checkpoint.
 
 A run of `num_rounds` rounds is a pure function of (initial state, data,
-run key): round r uses `fold_in(run_key, r)` (`fedjax_med.experiment`), and
+run key): round r uses `fold_in(run_key, r)` (`fedjax_med.training.loop`), and
 everything a round carries to the next is in the `ServerState` (global
 model, server optimizer state, client states such as SCAFFOLD's control
 variates, aggregator state, traced hyperparameters, round counter). So a
@@ -23,7 +23,7 @@ state: the final parameters are bit-identical to an uninterrupted run.
 orbax-checkpoint is imported only when a checkpoint is written or read.
 Checkpoints are written asynchronously (orbax's default) and each is
 atomic: a run killed while writing leaves the previous checkpoint as the
-latest one. Sharded states (`fedjax_med.sharding`) are saved and restored
+latest one. Sharded states (`fedjax_med.training.sharding`) are saved and restored
 with their shardings; orbax handles multi-host writes.
 """
 
@@ -50,7 +50,7 @@ def _ocp():
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   except ImportError as err:  # pragma: no cover - orbax comes with flax
     raise ImportError(
-        "fedjax_med.checkpoint needs orbax-checkpoint: pip install"
+        "fedjax_med.training.checkpoint needs orbax-checkpoint: pip install"
         " 'orbax-checkpoint>=0.11,<0.13'") from err
   return ocp
 
@@ -262,7 +262,7 @@ def run_with_checkpoints(algo: FederatedAlgorithm, state: ServerState, data: Fed
   """Deprecated alias, kept for one version: `fm.run_rounds(algo, state, data,
   num_rounds, run_key, checkpoint_dir=directory, checkpoint_every=every, ...)`,
   the one run loop (checkpoints every `every` rounds, resumes from the latest)."""
-  from fedjax_med.experiment import run_rounds  # pylint: disable=import-outside-toplevel
+  from fedjax_med.training.loop import run_rounds  # pylint: disable=import-outside-toplevel
   check_positive_int("run_with_checkpoints", "num_rounds", num_rounds)
   check_positive_int("run_with_checkpoints", "every", every)
   return run_rounds(algo, state, data, num_rounds, run_key, progress=progress, desc=desc,

@@ -25,9 +25,9 @@ import numbers
 
 import jax.numpy as jnp
 
-from fedjax_med.compression.base import (Compressor, LeafCodec, float32, per_tensor,
+from fedjax_med.aggregators.compression.base import (Compressor, LeafCodec, float32, per_tensor,
                                          stochastic_round)
-from fedjax_med.compression.packing import MAX_PACKED_BITS, pack_bits, unpack_bits
+from fedjax_med.aggregators.compression.packing import MAX_PACKED_BITS, pack_bits, unpack_bits
 from fedjax_med.core.options import OptionError
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fedjax_med.compression.base import Compressor, LeafCodec, per_tensor
-from fedjax_med.compression.packing import pack_bits, unpack_bits
+from fedjax_med.aggregators.compression.base import Compressor, LeafCodec, per_tensor
+from fedjax_med.aggregators.compression.packing import pack_bits, unpack_bits
 
 
 def sign_leaf() -> LeafCodec:

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fedjax_med.compression.base import (Compressor, LeafCodec, float32, per_tensor,
+from fedjax_med.aggregators.compression.base import (Compressor, LeafCodec, float32, per_tensor,
                                          stochastic_round)
-from fedjax_med.compression.packing import pack_bits, unpack_bits
-from fedjax_med.compression.uniform import check_bits
+from fedjax_med.aggregators.compression.packing import pack_bits, unpack_bits
+from fedjax_med.aggregators.compression.uniform import check_bits
 from fedjax_med.core.options import OptionError
 
 

@@ -47,12 +47,12 @@ def run_rounds(algo: FederatedAlgorithm, state: ServerState, data: FederatedData
     progress: show a tqdm progress bar over rounds.
     desc: progress bar label.
     callback: called as `callback(round_index, state, metrics)` after each round.
-    checkpoint_dir: checkpoint the run there (orbax, `fedjax_med.checkpoint`)
+    checkpoint_dir: checkpoint the run there (orbax, `fedjax_med.training.checkpoint`)
       after every `checkpoint_every` rounds and after the last, keeping the
       newest `max_to_keep`; if the folder already holds a checkpoint of this
       run (same run key and state structure) the run continues after it, and
       the returned history covers all `num_rounds` rounds. Needs first_round=0.
-    audit: an `fedjax_med.audit.AuditLog` that logs every round (hash chain of
+    audit: an `fedjax_med.training.audit.AuditLog` that logs every round (hash chain of
       the model, the aggregate and each site's update), as `audit_run` (default
       the algorithm's name), with the state's traced hyperparameters.
 
@@ -67,7 +67,7 @@ def run_rounds(algo: FederatedAlgorithm, state: ServerState, data: FederatedData
     if first_round != 0:
       raise OptionError("run_rounds: with checkpoint_dir the run resumes from its latest"
                         f" checkpoint by itself; first_round must be 0, got {first_round}")
-    from fedjax_med import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+    from fedjax_med.training import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
     manager, start, state, history = checkpoint_lib.resume_run(
         checkpoint_dir, state, run_key, num_rounds, max_to_keep)
     end = num_rounds

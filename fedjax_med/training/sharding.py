@@ -63,7 +63,7 @@ def site_mesh(devices=None, axis_name: str = SITE_AXIS) -> Mesh:
 def _axis_name(mesh: Mesh) -> str:
   if len(mesh.axis_names) != 1:
     raise ValueError(
-        f"fedjax_med.sharding: expected a 1-D mesh (one axis for the sites), got axes"
+        f"fedjax_med.training.sharding: expected a 1-D mesh (one axis for the sites), got axes"
         f" {mesh.axis_names}; build one with fm.sharding.site_mesh()")
   return mesh.axis_names[0]
 
@@ -124,7 +124,7 @@ def _check_even_split(mesh: Mesh) -> int:
     counts[d.process_index] = counts.get(d.process_index, 0) + 1
   if len(set(counts.values())) != 1 or len(counts) != jax.process_count():
     raise ValueError(
-        f"fedjax_med.sharding: every process must contribute the same number of devices"
+        f"fedjax_med.training.sharding: every process must contribute the same number of devices"
         f" to the mesh, got {counts} for {jax.process_count()} processes")
   return next(iter(counts.values()))
 
@@ -197,7 +197,7 @@ def replicate(tree: Any, mesh: Mesh | None = None) -> Any:
 
 def _host_value(a):
   if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-    raise ValueError("fedjax_med.sharding: typed PRNG keys are not supported here; use"
+    raise ValueError("fedjax_med.training.sharding: typed PRNG keys are not supported here; use"
                      " jax.random.PRNGKey (raw uint32 keys)")
   return np.asarray(a)
 

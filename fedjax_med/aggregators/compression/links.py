@@ -40,9 +40,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_med.compression.base import (Compressor, encoded_nbytes, is_stateful,
+from fedjax_med.aggregators.compression.base import (Compressor, encoded_nbytes, is_stateful,
                                          payload_nbytes, reference_nbytes, shapes_of)
-from fedjax_med.compression.base import float32 as float32_compressor
+from fedjax_med.aggregators.compression.base import float32 as float32_compressor
 from fedjax_med.core import aggregation as agg
 from fedjax_med.core.options import OptionError, check_positive_int
 
@@ -51,7 +51,7 @@ _INT32_MAX = 2**31 - 1
 
 def _check_compressor(name: str, field: str, compressor) -> Compressor:
   if not isinstance(compressor, Compressor):
-    raise OptionError(f"{name}: {field} must be a fedjax_med.compression Compressor"
+    raise OptionError(f"{name}: {field} must be a fedjax_med.aggregators.compression Compressor"
                       f" (e.g. qsgd(8), error_feedback(top_k(0.01))), got"
                       f" {type(compressor).__name__}")
   return compressor
@@ -78,7 +78,7 @@ def uplink(compressor: Compressor, *, downlink: Compressor | None = None,
       `bytes_down` metrics only (None: the float32 model).
     record_payloads: also return every participant's encoded payload in the
       metrics, as `payload[...]` arrays with a leading C axis (for
-      `fedjax_med.audit`, which hashes them).
+      `fedjax_med.training.audit`, which hashes them).
 
   Returns:
     ClientTransform; its apply returns the decoded updates (the same

@@ -16,17 +16,17 @@ In a round: `uplink(c)` (a ClientTransform for `fm.aggregators.chain`),
 `communication(up, down)`. Bytes are `payload_nbytes` of the encoded arrays.
 """
 
-from fedjax_med.compression.base import (Compressor, LeafCodec, encoded_nbytes, float32,
+from fedjax_med.aggregators.compression.base import (Compressor, LeafCodec, encoded_nbytes, float32,
                                          payload_nbytes, per_tensor, reference_nbytes)
-from fedjax_med.compression.error_feedback import error_feedback
-from fedjax_med.compression.links import (Communication, communication, downlink,
+from fedjax_med.aggregators.compression.error_feedback import error_feedback
+from fedjax_med.aggregators.compression.links import (Communication, communication, downlink,
                                           payload_metric_name, uplink)
-from fedjax_med.compression.packing import pack_bits, packed_size, unpack_bits
-from fedjax_med.compression.qsgd import qsgd, qsgd_levels
-from fedjax_med.compression.rotation import hadamard_transform, rotated
-from fedjax_med.compression.sign import sign
-from fedjax_med.compression.topk import num_kept, top_k
-from fedjax_med.compression.uniform import uniform
+from fedjax_med.aggregators.compression.packing import pack_bits, packed_size, unpack_bits
+from fedjax_med.aggregators.compression.qsgd import qsgd, qsgd_levels
+from fedjax_med.aggregators.compression.rotation import hadamard_transform, rotated
+from fedjax_med.aggregators.compression.sign import sign
+from fedjax_med.aggregators.compression.topk import num_kept, top_k
+from fedjax_med.aggregators.compression.uniform import uniform
 
 __all__ = ["Compressor", "LeafCodec", "Communication", "communication", "downlink",
            "encoded_nbytes", "error_feedback", "float32", "hadamard_transform", "num_kept",

@@ -1,6 +1,6 @@
 """Per-site evaluation for multi-task classification and regression.
 
-Same shape of report as `fedjax_med.evaluation` (FLamby's convention):
+Same shape of report as `fedjax_med.training.evaluation` (FLamby's convention):
 
     {site_name: {metric: value}, "mean": {...}, "pooled": {...}}
 
