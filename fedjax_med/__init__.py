@@ -42,12 +42,12 @@ from fedjax_med.training.loop import run_rounds, run_seeds, stack_states
 # Earlier names (version 0.1) of modules that moved into the layer packages.
 # `fm.robust`, `import fedjax_med.robust` and `from fedjax_med.robust import x`
 # keep working; they are the same module objects, not copies.
-datasets = data
+datasets = data.datasets
 robust = aggregators.robust
 compression = aggregators.compression
 segmentation = algorithms.segmentation
 MOVED_MODULES = {
-    "fedjax_med.datasets": "fedjax_med.data",
+    "fedjax_med.datasets": "fedjax_med.data.datasets",
     "fedjax_med.robust": "fedjax_med.aggregators.robust",
     "fedjax_med.compression": "fedjax_med.aggregators.compression",
     "fedjax_med.optimizers": "fedjax_med.core.server_optimizers",

@@ -82,7 +82,7 @@ def test_version_0_1_module_names_are_the_same_modules(old, new):
 
 
 def test_version_0_1_attribute_names_still_work():
-  assert fm.datasets is fm.data
+  assert fm.datasets is fm.data.datasets
   assert fm.robust is fm.aggregators.robust
   assert fm.compression is fm.aggregators.compression
   assert fm.checkpoint is fm.training.checkpoint

@@ -1,27 +1,14 @@
 """Layer 3, data: real multi-site medical datasets bundled with the package (no
 download), partitioners and federated standardisation.
 
-    train, test = fedjax_med.data.heart_disease()   # K = 4 hospitals
-    train, test = fedjax_med.data.tcga_brca()       # K = 6 regions, survival
-    train, test = fedjax_med.data.tox21()           # pharma partners (needs rdkit once)
-    train, test = fedjax_med.data.parkinsons_telemonitoring()   # 42 home devices
-    train, test = fedjax_med.data.breastmnist(num_sites=5, partition="dirichlet")
-    train, test = fedjax_med.data.chase_db1(num_clients=5)      # retinal vessels
-    train, test = fedjax_med.data.from_tfds("mnist", data_dir=...)  # [tfds] extra
-    stats, train, test = fedjax_med.data.federated_standardize(raw_train, raw_test)
+One module per dataset (`fedjax_med.data.heart_disease`, ...); the loaders
+are collected in `fedjax_med.data.datasets`, which is `fm.datasets`:
 
-`fm.datasets` is the same package under its earlier name.
+    train, test = fm.datasets.heart_disease()   # K = 4 hospitals
+    parts = fm.partition.dirichlet(...)         # fedjax_med.data.partition
 """
 
+from fedjax_med.data import datasets
 from fedjax_med.data import partition
-from fedjax_med.data.breastmnist import breastmnist
-from fedjax_med.data.chase_db1 import chase_db1
-from fedjax_med.data.heart_disease import heart_disease
-from fedjax_med.data.standardize import federated_standardize
-from fedjax_med.data.tcga_brca import tcga_brca
-from fedjax_med.data.telemonitoring import parkinsons_telemonitoring
-from fedjax_med.data.tfds import from_tfds
-from fedjax_med.data.tox21 import tox21
 
-__all__ = ["heart_disease", "tcga_brca", "tox21", "parkinsons_telemonitoring", "breastmnist",
-           "chase_db1", "from_tfds", "federated_standardize", "partition"]
+__all__ = ["datasets", "partition"]
