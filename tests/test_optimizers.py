@@ -18,8 +18,8 @@ from fedjax_med import optimizers as fm_opt
 from conftest import bce_loss, count_compilations, init_params, ref_local_sgd, to_np
 
 ADAPTIVITIES = ("adagrad", "adam", "yogi")
-FACTORIES = {"adagrad": fm_opt.fedadagrad, "adam": fm_opt.fedadam,
-             "yogi": fm_opt.fedyogi}
+FACTORIES = {"adagrad": fm_opt.server_adagrad, "adam": fm_opt.server_adam,
+             "yogi": fm_opt.server_yogi}
 # float32 against float64: measured max relative error 6.6e-6 (first-step closed
 # form at |Delta| ~ tau) and max absolute error 1.0e-7 on O(1) parameters.
 RTOL, ATOL = 1e-5, 3e-7
@@ -149,7 +149,7 @@ def test_first_step_closed_form(adaptivity):
 ])
 def test_yogi_sign_rule_by_hand(v0, delta, v1_yogi, v1_adam):
   eta, beta1, beta2, tau = 1.0, 0.5, 0.9, 0.01
-  for factory, v1 in ((fm_opt.fedyogi, v1_yogi), (fm_opt.fedadam, v1_adam)):
+  for factory, v1 in ((fm_opt.server_yogi, v1_yogi), (fm_opt.server_adam, v1_adam)):
     opt = factory(eta, beta1=beta1, beta2=beta2, tau=tau, initial_accumulator_value=v0)
     params = jnp.zeros(1)
     updates, state = opt.update(-jnp.full(1, delta), opt.init(params), params)
@@ -164,7 +164,7 @@ def test_yogi_sign_rule_by_hand(v0, delta, v1_yogi, v1_adam):
 def test_differs_from_optax_adam_by_bias_correction():
   eta, beta1, beta2, tau = 0.1, 0.9, 0.999, 1e-3
   delta = np.array([0.5, -2.0, 0.01], np.float32)
-  ours = first_update(fm_opt.fedadam(eta, beta1=beta1, beta2=beta2, tau=tau), delta)
+  ours = first_update(fm_opt.server_adam(eta, beta1=beta1, beta2=beta2, tau=tau), delta)
   theirs = first_update(optax.adam(eta, b1=beta1, b2=beta2, eps=tau), delta)
   d = delta.astype(np.float64)
   # optax.adam step 1: m_hat = Delta, v_hat = Delta^2 -> eta Delta / (|Delta| + tau).
@@ -206,7 +206,7 @@ def test_initial_accumulator_value(adaptivity):
 def test_learning_rate_schedule():
   deltas = random_deltas(3, seed=1)
   x0 = [np.zeros((3, 4), np.float32), np.zeros(5, np.float32)]
-  a = run_optax(fm_opt.fedyogi(optax.linear_schedule(0.2, 0.05, 2)), x0, deltas)[0]
+  a = run_optax(fm_opt.server_yogi(optax.linear_schedule(0.2, 0.05, 2)), x0, deltas)[0]
   # Round t uses eta_t = 0.2, 0.125, 0.05: Algorithm 2 with a per-round eta.
   # (defaults beta1 = 0.9, beta2 = 0.999, tau = 1e-3, v_{-1} = 0)
   x = [np.zeros((3, 4)), np.zeros(5)]
@@ -278,7 +278,7 @@ def test_fedavg_server_fedadam_sign_and_no_recompile(sites, data):
   w_avg = {"w": sum(nk / n.sum() * r[0] for nk, r in zip(n, runs)),
            "b": sum(nk / n.sum() * r[1] for nk, r in zip(n, runs))}
   eta, beta1, beta2, tau = 0.01, 0.9, 0.999, 1e-3
-  server = optax.inject_hyperparams(fm_opt.fedadam)(learning_rate=eta, beta1=beta1,
+  server = optax.inject_hyperparams(fm_opt.server_adam)(learning_rate=eta, beta1=beta1,
                                                      beta2=beta2, tau=tau)
   algo = fm.algorithms.fedavg(bce_loss, client_optimizer=client, local_epochs=1,
                               batch_size=4, server_optimizer=server)
@@ -338,3 +338,16 @@ def test_arrays_are_not_validated():
   params = jnp.zeros(2)
   updates, _ = opt.update(jnp.ones(2), opt.init(params), params)
   np.testing.assert_allclose(updates, 0.1 / (np.sqrt(0.01) + 1e-3), rtol=RTOL)
+
+
+@pytest.mark.parametrize("old, new", [("fedadagrad", "server_adagrad"), ("fedadam", "server_adam"),
+                                      ("fedyogi", "server_yogi")])
+def test_version_0_1_names_warn_and_build_the_same_transformation(old, new):
+  x0 = (np.zeros(3, np.float32), np.float32(0.0))
+  deltas = [(np.asarray([0.5, -2.0, 0.0], np.float32), np.float32(0.25))] * 3
+  with pytest.warns(DeprecationWarning, match=new):
+    opt_old = getattr(fm_opt, old)(0.1, tau=0.01)
+  xs_old, _ = run_optax(opt_old, x0, deltas)
+  xs_new, _ = run_optax(getattr(fm_opt, new)(0.1, tau=0.01), x0, deltas)
+  for a, b in zip(xs_old, xs_new):
+    jax.tree.map(np.testing.assert_array_equal, a, b)

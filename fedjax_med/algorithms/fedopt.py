@@ -29,8 +29,8 @@ _SERVER_OPTIONS = ("server_learning_rate", "beta1", "beta2", "tau",
 @functools.lru_cache(maxsize=None)
 def _server_transform(adaptivity: str, initial_accumulator_value: float):
   """One injected transform per variant, so separately built algorithms share a compile."""
-  factory = {"adam": optimizers.fedadam, "yogi": optimizers.fedyogi,
-             "adagrad": optimizers.fedadagrad}[adaptivity]
+  factory = {"adam": optimizers.server_adam, "yogi": optimizers.server_yogi,
+             "adagrad": optimizers.server_adagrad}[adaptivity]
   return optax.inject_hyperparams(factory, static_args=("initial_accumulator_value",))(
       learning_rate=1.0, beta1=0.9, beta2=0.999, tau=1e-3,
       initial_accumulator_value=initial_accumulator_value)

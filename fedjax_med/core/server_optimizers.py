@@ -1,4 +1,11 @@
-"""Adaptive server optimizers: FedAdagrad, FedAdam, FedYogi.
+"""Adaptive server optimizers of FedAdagrad, FedAdam, FedYogi: `server_adagrad`,
+`server_adam`, `server_yogi`.
+
+These are optax transformations for the server step (`fm.optimizers`); the
+algorithms that use them are `fm.algorithms.fedadagrad / fedadam / fedyogi`.
+Version 0.1 called the transformations `fm.optimizers.fedadam` etc., the same
+names as the algorithms; those names still work for one version (until 0.3)
+and emit a DeprecationWarning.
 
 Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2
 (arXiv:2003.00295), as optax transformations, numerically the same as FLamby's
@@ -41,7 +48,7 @@ beta1 = 0.9, beta2 = 0.999.
 Every hyperparameter may be a traced array, so the optimizers can be wrapped
 in `optax.inject_hyperparams` and swept without recompiling:
 
-    server_optimizer = optax.inject_hyperparams(fm.optimizers.fedadam)(
+    server_optimizer = optax.inject_hyperparams(fm.optimizers.server_adam)(
         learning_rate=1e-2, beta1=0.9, beta2=0.999, tau=1e-3)
 
 (`initial_accumulator_value` is traced too but only read by `init`: changing
@@ -50,7 +57,9 @@ it in `state.hyperparams` later does not reset v.)
 
 from __future__ import annotations
 
+import functools
 import numbers
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -170,7 +179,7 @@ def _fedopt(adaptivity, learning_rate, beta1, beta2, tau, initial_accumulator_va
       optax.scale_by_learning_rate(learning_rate))
 
 
-def fedadagrad(learning_rate, beta1=0.9, beta2=0.999, tau=1e-3,
+def server_adagrad(learning_rate, beta1=0.9, beta2=0.999, tau=1e-3,
                initial_accumulator_value=0.0) -> optax.GradientTransformation:
   """FedAdagrad server optimizer: v_t = v_{t-1} + Delta_t^2.
 
@@ -191,7 +200,7 @@ def fedadagrad(learning_rate, beta1=0.9, beta2=0.999, tau=1e-3,
   return _fedopt("adagrad", learning_rate, beta1, beta2, tau, initial_accumulator_value)
 
 
-def fedadam(learning_rate, beta1=0.9, beta2=0.999, tau=1e-3,
+def server_adam(learning_rate, beta1=0.9, beta2=0.999, tau=1e-3,
             initial_accumulator_value=0.0) -> optax.GradientTransformation:
   """FedAdam server optimizer: v_t = beta2 v_{t-1} + (1 - beta2) Delta_t^2.
 
@@ -212,7 +221,7 @@ def fedadam(learning_rate, beta1=0.9, beta2=0.999, tau=1e-3,
   return _fedopt("adam", learning_rate, beta1, beta2, tau, initial_accumulator_value)
 
 
-def fedyogi(learning_rate, beta1=0.9, beta2=0.999, tau=1e-3,
+def server_yogi(learning_rate, beta1=0.9, beta2=0.999, tau=1e-3,
             initial_accumulator_value=0.0) -> optax.GradientTransformation:
   """FedYogi server optimizer.
 
@@ -235,5 +244,23 @@ def fedyogi(learning_rate, beta1=0.9, beta2=0.999, tau=1e-3,
   return _fedopt("yogi", learning_rate, beta1, beta2, tau, initial_accumulator_value)
 
 
-__all__ = ["ScaleByFedOptState", "scale_by_fedopt", "fedadagrad", "fedadam", "fedyogi",
-           "ADAPTIVITIES"]
+def _renamed(new, old_name: str):
+  """`new` under its version-0.1 name, warning once per call site."""
+
+  @functools.wraps(new)
+  def old(*args, **kwargs):
+    warnings.warn(f"fm.optimizers.{old_name} is now fm.optimizers.{new.__name__} (the name"
+                  f" {old_name} is the algorithm, fm.algorithms.{old_name}); the old name"
+                  " is removed in 0.3", DeprecationWarning, stacklevel=2)
+    return new(*args, **kwargs)
+
+  old.__name__ = old.__qualname__ = old_name
+  return old
+
+
+fedadagrad = _renamed(server_adagrad, "fedadagrad")
+fedadam = _renamed(server_adam, "fedadam")
+fedyogi = _renamed(server_yogi, "fedyogi")
+
+__all__ = ["ScaleByFedOptState", "scale_by_fedopt", "server_adagrad", "server_adam",
+           "server_yogi", "ADAPTIVITIES", "fedadagrad", "fedadam", "fedyogi"]
