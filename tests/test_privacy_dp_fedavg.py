@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 import fedjax_med as fm
-from conftest import bce_loss, init_params, make_sites
+from conftest import bce_loss, count_compilations, init_params, make_sites
 from fedjax_med.core import aggregation as agg
 from fedjax_med.privacy import site_level as sl
 
@@ -103,14 +103,21 @@ def test_poisson_site_sampling_rate():
   assert abs(rate - 0.3) < 4 * np.sqrt(0.3 * 0.7 / (40 * k))
 
 
-def test_dp_fedavg_round_equals_hand_computed_chain():
-  """sigma = 0: Delta = sum_k clip(Delta_k) / K, Delta_k from plain local training."""
+@pytest.mark.parametrize("clip_set", ["at_build", "by_set_hyperparams"])
+def test_dp_fedavg_round_equals_hand_computed_chain(clip_set):
+  """sigma = 0: Delta = sum_k clip(Delta_k) / K, Delta_k from plain local training.
+
+  "by_set_hyperparams": built with C = 10 (nothing clipped), then C = 0.05 set
+  through `fm.set_hyperparams(state, aggregator=...)`, which must reach the
+  compiled round without recompiling it.
+  """
   sites = make_sites([9, 4, 6], seed=3)
   data = fm.FederatedData.from_sites(sites)
   params = init_params()
   c = 0.05
-  dp = sl.dp_fedavg(bce_loss, clip_norm=c, noise_multiplier=0.0, num_sites=3,
-                    client_optimizer=optax.sgd(0.5), local_epochs=1, batch_size=2)
+  dp = fm.algorithms.dp_fedavg(bce_loss, clip_norm=c if clip_set == "at_build" else 10.0,
+                               noise_multiplier=0.0, num_sites=3,
+                               client_optimizer=optax.sgd(0.5), local_epochs=1, batch_size=2)
 
   def spy():
     return fm.ClientTransform(init=lambda t, k=None: (),
@@ -121,7 +128,15 @@ def test_dp_fedavg_round_equals_hand_computed_chain():
                                    spy(), fm.aggregators.weighted_mean()))
   key = jax.random.PRNGKey(4)
   _, m = plain.round(plain.init(params), data, key)
-  state, _ = dp.round(dp.init(params), data, key)
+  state = dp.init(params)
+  if clip_set == "by_set_hyperparams":
+    dp.round(state, data, key)  # compiles with C = 10
+    state = fm.set_hyperparams(state, aggregator={"clip_norm": c})
+    with count_compilations() as compiles:
+      state, _ = dp.round(state, data, key)
+    assert compiles[0] == 0
+  else:
+    state, _ = dp.round(state, data, key)
   u = {n: np.asarray(v, np.float64) for n, v in m["u"].items()}
   norms = np.sqrt((u["w"] ** 2).sum(1) + u["b"] ** 2)
   assert np.all(norms > c)  # every update clipped here
@@ -142,6 +157,16 @@ def test_set_aggregator_hparams_changes_every_link_holding_the_name():
   assert float(new[2]["noise_multiplier"]) == 3.0
   with pytest.raises(ValueError, match="no link"):
     sl.set_aggregator_hparams(state, mu=1.0)
+  with pytest.raises(ValueError, match="shape"):
+    sl.set_aggregator_hparams(state, clip_norm=[1.0, 2.0])
+
+
+def test_set_hyperparams_rejects_aggregator_numbers_no_link_holds():
+  algo = fm.algorithms.fedavg(bce_loss, client_optimizer=optax.sgd(0.5), local_epochs=1,
+                              batch_size=2)
+  state = algo.init(init_params())
+  with pytest.raises(fm.OptionError, match="noise_multiplier"):
+    fm.set_hyperparams(state, aggregator={"noise_multiplier": 1.0})
 
 
 def test_bad_inputs():

@@ -123,23 +123,39 @@ def clip_to_norm(updates: Any, max_norm: jax.Array) -> tuple[Any, jax.Array]:
   return clipped, norms
 
 
-def norm_bound(max_norm: float, name: str = "norm_bound") -> ClientTransform:
-  """Clips every site's update to L2 norm <= max_norm.
+def norm_bound(max_norm: float, name: str = "norm_bound", *, hparam: str = "max_norm",
+               metric: str = "num_norm_bounded", as_fraction: bool = False) -> ClientTransform:
+  """Clips every site's update to L2 norm <= M (the norm over the whole pytree).
 
-  The bound lives in the link's state ({"max_norm": float32}), traced.
-  Metrics: num_norm_bounded (sites whose update was scaled down).
+  u_k <- u_k * M / max(||u_k||, M) (`clip_to_norm`). This is the one clipping
+  link of fedjax_med: robust aggregation uses it as is, site-level DP as
+  `privacy.clip_updates` (hparam "clip_norm", metric "dp_clipped_fraction").
+
+  Args:
+    max_norm: M > 0.
+    name: the name in error messages.
+    hparam: the key of M in the link's state ({hparam: float32}), traced:
+      change it with `fm.set_hyperparams(state, aggregator={hparam: ...})`.
+    metric: the name of the round metric: the number of participating
+      sites (weight > 0) that were scaled down, or with `as_fraction` their
+      share of the participating sites (0 when none participates).
   """
-  m = _check_positive(name, "max_norm", max_norm)
+  m = _check_positive(name, hparam, max_norm)
 
   def init(update_template, num_sites=None):
     del update_template, num_sites
-    return {"max_norm": jnp.asarray(m, jnp.float32)}
+    return {hparam: jnp.asarray(m, jnp.float32)}
 
   def apply(updates, weights, state, key, context):
     del key, context
-    clipped, norms = clip_to_norm(updates, state["max_norm"])
-    bounded = (norms > state["max_norm"]) & (weights > 0)
-    return clipped, weights, state, {"num_norm_bounded": jnp.sum(bounded, dtype=jnp.int32)}
+    clipped, norms = clip_to_norm(updates, state[hparam])
+    active = weights > 0
+    bounded = (norms > state[hparam]) & active
+    if as_fraction:
+      value = (jnp.sum(bounded) / jnp.maximum(jnp.sum(active), 1)).astype(jnp.float32)
+    else:
+      value = jnp.sum(bounded, dtype=jnp.int32)
+    return clipped, weights, state, {metric: value}
 
   return ClientTransform(init, apply)
 

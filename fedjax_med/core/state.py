@@ -11,9 +11,12 @@ the compiled round, so changing them never recompiles:
   start of every round, so its injected values are kept in
   `state.client_hparams` and substituted into each fresh client state.
 * algorithm hyperparameters (mu, lambda, ...): `state.hparams`.
+* aggregator numbers (DP's clip_norm and noise_multiplier, robust links'
+  max_norm, ...): the dict states of the aggregation chain's links, in
+  `state.aggregator_state`.
 
-`set_hyperparams(state, client={...}, server={...}, mu=...)` changes any of
-them and rejects names that are not traced.
+`set_hyperparams(state, client={...}, server={...}, aggregator={...}, mu=...)`
+changes any of them and rejects names that are not traced.
 """
 
 from __future__ import annotations
@@ -124,8 +127,57 @@ def canonical_hparams(values: Mapping[str, Any]) -> dict:
   return {name: _float32(v) for name, v in values.items()}
 
 
+def set_aggregator_hparams(state, **values):
+  """Returns `state` with named numbers replaced in every aggregator link holding them.
+
+  `state` is a ServerState (its `aggregator_state` is changed) or an
+  aggregator state. A link keeps its traced numbers in a dict state (e.g.
+  `privacy.clip_updates`: {"clip_norm"}, `privacy.gaussian_sum_mean`:
+  {"noise_multiplier", "clip_norm", ...}, `aggregators.robust.norm_bound`:
+  {"max_norm"}); the chain's state is the tuple of its links' states. So
+  `set_aggregator_hparams(state, noise_multiplier=2.0, clip_norm=0.5)` sets
+  sigma in the noise link and C in both the clipping and the noise link. A
+  value keeps the dtype of the number it replaces and must have its shape
+  (no recompilation).
+
+  Raises:
+    OptionError naming any value that no link holds, or of the wrong shape.
+  """
+  agg_state = state.aggregator_state if isinstance(state, ServerState) else state
+  found = set()
+
+  def replace(name, old, new):
+    new = jnp.asarray(new, dtype=jnp.asarray(old).dtype)
+    if new.shape != jnp.shape(old):
+      raise OptionError(f"set_hyperparams: aggregator value {name} has shape"
+                        f" {jnp.shape(old)}, got a value of shape {new.shape}")
+    return new
+
+  def visit(node):
+    if isinstance(node, dict):
+      out = dict(node)
+      for name, v in values.items():
+        if name in out:
+          out[name] = replace(name, out[name], v)
+          found.add(name)
+      return out
+    if isinstance(node, (tuple, list)) and not hasattr(node, "_fields"):
+      return type(node)(visit(n) for n in node)
+    return node
+
+  new = visit(agg_state)
+  missing = sorted(set(values) - found)
+  if missing:
+    raise OptionError(f"set_hyperparams: no link of the aggregation chain holds"
+                      f" {missing}")
+  if isinstance(state, ServerState):
+    return state._replace(aggregator_state=new)
+  return new
+
+
 def set_hyperparams(state: ServerState, *, client: Mapping[str, Any] | None = None,
                     server: Mapping[str, Any] | None = None,
+                    aggregator: Mapping[str, Any] | None = None,
                     **algorithm: Any) -> ServerState:
   """Returns `state` with traced hyperparameters changed (no recompilation).
 
@@ -133,6 +185,8 @@ def set_hyperparams(state: ServerState, *, client: Mapping[str, Any] | None = No
     state: a ServerState.
     client: new values for the client optimizer's injected hyperparameters.
     server: new values for the server optimizer's injected hyperparameters.
+    aggregator: new values for numbers held by the aggregation chain's links
+      (e.g. {"noise_multiplier": 2.0}; see `set_aggregator_hparams`).
     **algorithm: new values for algorithm hyperparameters (e.g. mu=0.1).
 
   Raises:
@@ -159,6 +213,8 @@ def set_hyperparams(state: ServerState, *, client: Mapping[str, Any] | None = No
     raise OptionError(
         f"set_hyperparams: unknown algorithm hyperparameter(s) {unknown};"
         f" traced: {sorted(state.hparams)}")
+  if aggregator:
+    state = set_aggregator_hparams(state, **dict(aggregator))
   return state._replace(
       client_hparams={**state.client_hparams, **canonical_hparams(client)},
       server_opt_state=with_injected_hyperparams(state.server_opt_state, server),
@@ -167,4 +223,4 @@ def set_hyperparams(state: ServerState, *, client: Mapping[str, Any] | None = No
 
 __all__ = ["ServerState", "injected_hyperparams", "with_injected_hyperparams",
            "init_client_optimizer", "optimizer_hparams", "select_prefixed",
-           "canonical_hparams", "set_hyperparams"]
+           "canonical_hparams", "set_aggregator_hparams", "set_hyperparams"]

@@ -51,32 +51,24 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_med.core.aggregation import Aggregator, ClientTransform, chain
+from fedjax_med.core import state as state_lib
 from fedjax_med.core.options import OptionError
 from fedjax_med.privacy import accounting
 from fedjax_med.privacy.patient_level import gaussian_noise_like
-from fedjax_med.aggregators.robust import clip_to_norm
+from fedjax_med.aggregators.robust import norm_bound
 
 
 def clip_updates(clip_norm: float) -> ClientTransform:
   """Clips every site's update to L2 norm <= C (norm taken over the whole pytree).
 
-  State: {"clip_norm": float32} (traced; see `set_aggregator_hparams`).
-  Metrics: dp_clipped_fraction (share of weighted sites that were clipped).
+  The robust layer's clipping link (`aggregators.robust.norm_bound`) under
+  DP's names. State: {"clip_norm": float32} (traced; `fm.set_hyperparams(
+  state, aggregator={"clip_norm": ...})`). Metrics: dp_clipped_fraction
+  (share of the participating sites whose update was clipped).
   """
   c = accounting.check_clip_norm("clip_updates", clip_norm)
-
-  def init(update_template, num_sites=None):
-    del update_template, num_sites
-    return {"clip_norm": jnp.asarray(c, jnp.float32)}
-
-  def apply(updates, weights, state, key, context):
-    del key, context
-    clipped, norms = clip_to_norm(updates, state["clip_norm"])
-    active = weights > 0
-    frac = jnp.sum((norms > state["clip_norm"]) & active) / jnp.maximum(jnp.sum(active), 1)
-    return clipped, weights, state, {"dp_clipped_fraction": frac.astype(jnp.float32)}
-
-  return ClientTransform(init, apply)
+  return norm_bound(c, "clip_updates", hparam="clip_norm", metric="dp_clipped_fraction",
+                    as_fraction=True)
 
 
 def poisson_site_sampling(sampling_rate: float) -> ClientTransform:
@@ -172,37 +164,8 @@ def site_level_dp(clip_norm: float, noise_multiplier: float, *, expected_sites: 
   return chain(*links)
 
 
-def set_aggregator_hparams(state, **values):
-  """Returns `state` (a ServerState or an aggregator state) with the named numbers
-  replaced in every link state of the chain that holds them.
-
-  E.g. `set_aggregator_hparams(state, noise_multiplier=2.0, clip_norm=0.5)` sets
-  sigma in `gaussian_sum_mean` and C in both `clip_updates` and
-  `gaussian_sum_mean`. Raises ValueError for a name no link holds.
-  """
-  agg_state = state.aggregator_state if hasattr(state, "aggregator_state") else state
-  found = set()
-
-  def visit(node):
-    if isinstance(node, dict):
-      out = dict(node)
-      for name, v in values.items():
-        if name in out:
-          out[name] = jnp.asarray(v, dtype=jnp.asarray(out[name]).dtype)
-          found.add(name)
-      return out
-    if isinstance(node, tuple) and not hasattr(node, "_fields"):
-      return tuple(visit(n) for n in node)
-    return node
-
-  new = visit(agg_state)
-  missing = sorted(set(values) - found)
-  if missing:
-    raise ValueError(f"set_aggregator_hparams: no link of the aggregation chain holds"
-                     f" {missing}")
-  if hasattr(state, "aggregator_state"):
-    return state._replace(aggregator_state=new)
-  return new
+# `fm.set_hyperparams(state, aggregator={...})` calls this; re-exported for 0.1 code.
+set_aggregator_hparams = state_lib.set_aggregator_hparams
 
 
 __all__ = ["clip_updates", "poisson_site_sampling", "gaussian_sum_mean", "site_level_dp",
