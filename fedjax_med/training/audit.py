@@ -66,6 +66,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from fedjax_med.training import checkpoint as checkpoint_lib
+
 GENESIS = "0" * 64
 PAYLOAD_PREFIX = "payload"
 _MAX_METRIC_SIZE = 256
@@ -167,25 +169,18 @@ def _model_change(before: Any, after: Any) -> Any:
       lambda a, b: np.asarray(b, np.float32) - np.asarray(a, np.float32), before, after)
 
 
-def save_checkpoint(state: Any, path: str) -> str:
-  """Every leaf of `state` (e.g. a ServerState) as `leaf_i` in an .npz; returns its sha256."""
-  leaves = jax.tree_util.tree_leaves(jax.device_get(state))
-  with open(path, "wb") as f:
-    np.savez(f, **{f"leaf_{i}": np.asarray(a) for i, a in enumerate(leaves)})
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+# The audit log's per-round state files: one .npz whose sha256 goes into the log
+# line (`fedjax_med.training.checkpoint.save_state_file`; orbax directories
+# cannot be hashed as one file).
+save_checkpoint = checkpoint_lib.save_state_file
 
 
 def load_checkpoint(path: str, like: Any) -> Any:
   """The state saved by `save_checkpoint`, with the tree structure of `like`."""
-  leaves, treedef = jax.tree_util.tree_flatten(like)
-  with np.load(path) as f:
-    loaded = [f[f"leaf_{i}"] for i in range(len(leaves))]
-  for i, (a, b) in enumerate(zip(leaves, loaded)):
-    if np.shape(a) != b.shape:
-      raise AuditError(f"load_checkpoint: leaf {i} has shape {b.shape}, expected"
-                       f" {np.shape(a)}")
-  return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(b) for b in loaded])
+  try:
+    return checkpoint_lib.load_state_file(path, like)
+  except ValueError as e:
+    raise AuditError(str(e)) from None
 
 
 HEAD_SUFFIX = ".head"

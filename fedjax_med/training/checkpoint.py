@@ -29,6 +29,7 @@ with their shardings; orbax handles multi-host writes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -213,6 +214,38 @@ def restore(directory, template: ServerState, round_index: int | None = None) ->
     manager.close()
 
 
+def save_state_file(state: Any, path: str) -> str:
+  """Every leaf of `state` as `leaf_i` in one .npz file; returns the file's sha256.
+
+  The single-file snapshot the audit log hashes (`fedjax_med.training.audit`);
+  `save` / `restore` (orbax directories) are for resuming runs.
+  """
+  leaves = jax.tree_util.tree_leaves(jax.device_get(state))
+  with open(path, "wb") as f:
+    np.savez(f, **{f"leaf_{i}": np.asarray(a) for i, a in enumerate(leaves)})
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def load_state_file(path: str, like: Any) -> Any:
+  """The state written by `save_state_file`, with the tree structure of `like`.
+
+  Raises:
+    ValueError when the file has another number of leaves or a leaf another shape.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(like)
+  with np.load(path) as f:
+    if len(f.files) != len(leaves):
+      raise ValueError(f"load_state_file: {path} has {len(f.files)} leaves, the template"
+                       f" {len(leaves)}")
+    loaded = [f[f"leaf_{i}"] for i in range(len(leaves))]
+  for i, (a, b) in enumerate(zip(leaves, loaded)):
+    if np.shape(a) != b.shape:
+      raise ValueError(f"load_state_file: leaf {i} has shape {b.shape}, expected"
+                       f" {np.shape(a)}")
+  return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(b) for b in loaded])
+
+
 def _same_key(a, b) -> bool:
   return _key_meta(a) == _key_meta(b)
 
@@ -271,4 +304,5 @@ def run_with_checkpoints(algo: FederatedAlgorithm, state: ServerState, data: Fed
 
 
 __all__ = ["Checkpoint", "FORMAT_VERSION", "save", "restore", "latest_round",
-           "resume_run", "save_run", "run_with_checkpoints"]
+           "resume_run", "save_run", "run_with_checkpoints", "save_state_file",
+           "load_state_file"]
