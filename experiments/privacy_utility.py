@@ -9,13 +9,13 @@ Two levels of differential privacy, each at several noise levels calibrated
 to target epsilons (delta = 1e-5) with dp-accounting, plus sigma = 0
 (epsilon = inf, clipping still on):
 
-  patient_level   DP-SGD inside each site (fedjax_med.privacy.dp_sgd_fedavg):
+  patient_level   DP-SGD inside each site (fm.algorithms.dp_sgd_fedavg):
                   Poisson sampling with expected batch b per site (q_k = b / n_k),
                   per-example clipping C, Gaussian noise sigma C per step.
                   sigma is calibrated so that the *largest* per-site epsilon (the
                   smallest site, Switzerland, q = b / 30) meets the target; every
                   other site's epsilon_k is smaller and is reported too.
-  site_level      DP-FedAvg (fedjax_med.privacy.dp_fedavg): each hospital's update
+  site_level      DP-FedAvg (fm.algorithms.dp_fedavg): each hospital's update
                   clipped to C, N(0, (sigma C)^2) on the sum, divided by K = 4,
                   every site every round; one epsilon for every site under
                   replace-one-site neighbours (K = 4 public; the sum moves by up
@@ -141,12 +141,12 @@ def _noise_levels(config: Config, level: str, num_examples: np.ndarray) -> list[
 
 def _algorithm(config: Config, level: str, loss_fn, train):
   if level == "patient_level":
-    return privacy.dp_sgd_fedavg(
+    return fm.algorithms.dp_sgd_fedavg(
         loss_fn, max_examples=train.max_examples, clip_norm=config.patient_clip,
         noise_multiplier=1.0, expected_batch_size=config.patient_expected_batch,
         client_optimizer=optax.sgd(config.patient_lr),
         local_steps=config.patient_local_steps), config.patient_rounds
-  return privacy.dp_fedavg(
+  return fm.algorithms.dp_fedavg(
       loss_fn, clip_norm=config.site_clip, noise_multiplier=1.0, num_sites=train.num_sites,
       client_optimizer=optax.sgd(config.site_lr), local_epochs=config.site_local_epochs,
       batch_size=config.site_batch), config.site_rounds
@@ -155,7 +155,7 @@ def _algorithm(config: Config, level: str, loss_fn, train):
 def _with_sigma(level: str, state, sigma: float):
   if level == "patient_level":
     return fm.set_hyperparams(state, noise_multiplier=sigma)
-  return privacy.set_aggregator_hparams(state, noise_multiplier=sigma)
+  return fm.set_hyperparams(state, aggregator={"noise_multiplier": sigma})
 
 
 def _site_epsilons(config: Config, level: str, sigma: float, train,

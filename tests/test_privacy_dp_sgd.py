@@ -288,7 +288,7 @@ def test_per_round_inclusion_counts_are_binomial_T_q(path):
                          expected_batch_size=b, client_optimizer=optax.sgd(1.0),
                          local_steps=steps)
   else:
-    algo = fm.privacy.dp_fedavg(_indicator_loss, clip_norm=1e6, noise_multiplier=0.0,
+    algo = fm.algorithms.dp_fedavg(_indicator_loss, clip_norm=1e6, noise_multiplier=0.0,
                                 num_sites=1, client_optimizer=optax.sgd(1.0),
                                 local_steps=steps, batch_size=n, gradient_estimator=est)
   counts, metrics = _inclusion_counts(algo, n, rounds, b)
@@ -317,12 +317,12 @@ def test_dp_sgd_refuses_batches_that_do_not_span_the_site():
   est = dp_sgd(2.0, 1.0, expected_batch_size=4.0)
   data = fm.FederatedData.from_sites([(np.eye(n, dtype=np.float32), np.zeros(n, np.float32))])
   for kwargs in (dict(local_epochs=1), dict(local_steps=5)):
-    algo = fm.privacy.dp_fedavg(_indicator_loss, clip_norm=1e6, noise_multiplier=0.0,
+    algo = fm.algorithms.dp_fedavg(_indicator_loss, clip_norm=1e6, noise_multiplier=0.0,
                                 num_sites=1, client_optimizer=optax.sgd(1.0), batch_size=8,
                                 gradient_estimator=est, **kwargs)
     with pytest.raises(ValueError, match="batch_size = 8 < N_max = 40"):
       algo.round(algo.init({"w": jnp.zeros(n)}), data, jax.random.PRNGKey(0))
-  cohort = fm.privacy.dp_fedavg(_indicator_loss, clip_norm=1e6, noise_multiplier=0.0,
+  cohort = fm.algorithms.dp_fedavg(_indicator_loss, clip_norm=1e6, noise_multiplier=0.0,
                                 cohort_size=1, client_optimizer=optax.sgd(1.0), batch_size=8,
                                 gradient_estimator=est, local_steps=5)
   with pytest.raises(ValueError, match="batch_size = 8 < N_max = 40"):
@@ -377,7 +377,7 @@ def test_padded_rows_never_reach_the_loss():
     np.testing.assert_allclose(got.params[name], ref.params[name], rtol=1e-5, atol=1e-6)
   assert np.all(np.isfinite(metrics["client_train_loss"]))
   # DP-FedAvg whose sites run DP-SGD: the same, on padded rows only (K is fixed there)
-  dp = fm.privacy.dp_fedavg(_log_target_loss, clip_norm=1.0, noise_multiplier=1.0,
+  dp = fm.algorithms.dp_fedavg(_log_target_loss, clip_norm=1.0, noise_multiplier=1.0,
                             num_sites=2, client_optimizer=optax.sgd(0.1), local_steps=2,
                             batch_size=16, gradient_estimator=dp_sgd(
                                 0.5, 1.0, expected_batch_size=4.0))

@@ -168,7 +168,7 @@ results = {}
 for target in (1.0, 3.0, 8.0):
     sigma = privacy.calibrate_noise_multiplier(target, delta, num_steps=rounds * local_steps,
                                                sampling_rate=q_max)
-    algo = privacy.dp_sgd_fedavg(loss_fn, max_examples=train.max_examples, clip_norm=1.0,
+    algo = fm.algorithms.dp_sgd_fedavg(loss_fn, max_examples=train.max_examples, clip_norm=1.0,
                                  noise_multiplier=sigma, expected_batch_size=batch,
                                  client_optimizer=optax.sgd(0.1), local_steps=local_steps)
     accountant = privacy.PatientLevelAccountant(train.num_examples, delta,
@@ -206,7 +206,7 @@ amplifies).
 """),
     ("code", """
 for sigma in (0.0, 0.5, 1.0):
-    algo = privacy.dp_fedavg(loss_fn, clip_norm=0.5, noise_multiplier=sigma, num_sites=4,
+    algo = fm.algorithms.dp_fedavg(loss_fn, clip_norm=0.5, noise_multiplier=sigma, num_sites=4,
                              client_optimizer=optax.sgd(0.05), local_epochs=1, batch_size=4)
     accountant = privacy.SiteLevelAccountant(delta)  # every site every round, replace one
     state, _ = fm.run_rounds(algo, algo.init(params, 4), train, 20, jax.random.PRNGKey(2),
