@@ -190,7 +190,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = Config.smoke() if args.smoke else Config()
-  config = fm.experiment.with_overrides(
+  config = fm.training.loop.with_overrides(
       config, rounds=args.rounds, alpha=args.alpha, num_sites=args.num_sites,
       partition_seed=args.partition_seed, seeds=args.seeds)
   start = time.perf_counter()
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
             f" all {int(np.sum(test.num_examples))} test images.\n"
             f"{json.dumps(dataclasses.asdict(config))}\n"
             f"{elapsed:.0f} s, jax {jax.__version__} on {jax.default_backend()}\n")
-  fm.experiment.write_table(
+  fm.training.loop.write_table(
       args.out, header + "\n" + site_summary(train, test) + "\n\n" + text + "\n")
   print(header)
   print(site_summary(train, test) + "\n")

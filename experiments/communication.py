@@ -300,7 +300,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = Config.smoke() if args.smoke else Config()
-  config = fm.experiment.with_overrides(config, seeds=args.seeds)
+  config = fm.training.loop.with_overrides(config, seeds=args.seeds)
   if args.dataset:
     names = tuple(s.strip() for s in args.dataset.split(",") if s.strip())
     unknown = sorted(set(names) - set(DATASETS))
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
   header = (f"Communication and time, mean ± std over seeds {list(config.seeds)};"
             f" site {config.straggler} is {config.straggler_factor:g}x slower.\n"
             f"{json.dumps(dataclasses.asdict(config))}\n")
-  fm.experiment.write_table(args.out, header + "\n" + text + "\n")
+  fm.training.loop.write_table(args.out, header + "\n" + text + "\n")
   print(header)
   print(text)
   if not args.no_plots:

@@ -353,7 +353,7 @@ def main(argv=None) -> int:
   for d in datasets:
     if d not in DATASETS:
       parser.error(f"unknown dataset {d!r}; choose from {DATASETS}")
-  seeds = list(fm.experiment.parse_seeds(args.seeds))
+  seeds = list(fm.training.loop.parse_seeds(args.seeds))
   if args.smoke:
     seeds = seeds[:2]
   os.makedirs(args.out, exist_ok=True)
@@ -374,7 +374,7 @@ def main(argv=None) -> int:
   elapsed = time.perf_counter() - start
   fm.report.save_records(records, args.out)
   text = "\n\n".join(texts) + f"\n\nTotal {elapsed:.0f} s, jax {jax.__version__} on {jax.default_backend()}.\n"
-  fm.experiment.write_table(args.out, text)
+  fm.training.loop.write_table(args.out, text)
   print(text)
   return 0
 

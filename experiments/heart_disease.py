@@ -177,7 +177,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = Config.smoke() if args.smoke else Config()
-  config = fm.experiment.with_overrides(config, rounds=args.rounds, seeds=args.seeds)
+  config = fm.training.loop.with_overrides(config, rounds=args.rounds, seeds=args.seeds)
   start = time.perf_counter()
   records = run(config, args.out, progress=not args.no_progress)
   elapsed = time.perf_counter() - start
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
             f" site its own (FLamby). fed*_global vs pooled: cost of federation;"
             f" fed*_site vs fed*_global: preprocessing effect.\n"
             f"{json.dumps(dataclasses.asdict(config))}\n")
-  fm.experiment.write_table(args.out, header + "\n" + text + "\n")
+  fm.training.loop.write_table(args.out, header + "\n" + text + "\n")
   print(header)
   print(text)
   print(f"\nwrote {os.path.join(args.out, 'results.json')} ({len(records)} records)"

@@ -395,7 +395,7 @@ def main(argv=None) -> int:
       json.dump(cost, f, indent=1)
 
   config = Config.smoke() if args.smoke else Config()
-  config = fm.experiment.with_overrides(config, seeds=args.seeds)
+  config = fm.training.loop.with_overrides(config, seeds=args.seeds)
   if args.epsilons:
     config = dataclasses.replace(
         config, epsilons=tuple(float(s) for s in args.epsilons.split(",") if s.strip()))
@@ -410,7 +410,7 @@ def main(argv=None) -> int:
             f" {list(config.seeds)}; 'mean' = unweighted mean over the 4 sites.\n"
             f"{json.dumps(dataclasses.asdict(config))}\n")
   os.makedirs(args.out, exist_ok=True)
-  fm.experiment.write_table(args.out, header + "\n" + text + "\n")
+  fm.training.loop.write_table(args.out, header + "\n" + text + "\n")
   plot(records, os.path.join(args.out, "privacy_utility.png"))
   print(header)
   print(text)

@@ -66,7 +66,8 @@ METRICS = ("dice", "accuracy", "auc", "dice_image")
 class Config:
   """Hyperparameters (chosen to run on 2 CPU cores in minutes)."""
   seeds: tuple[int, ...] = (0,)
-  num_clients: int = 5               # 2 children (4 images) per client
+  num_clients: int = 5               # K = chase_db1's num_sites, 2 children (4 images)
+                                     # each; name kept: table.md's header records it
   split_seed: int = 0                # children -> clients assignment
   features: tuple[int, ...] = (8, 16, 32)   # U-Net channels, 29,465 parameters
   patch_size: int = 48
@@ -143,8 +144,8 @@ def _test_arrays(test):
 def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict], dict]:
   timings: dict[str, float] = {}
   start = time.perf_counter()
-  train, test = chase_db1(num_clients=config.num_clients, seed=config.split_seed)
-  pooled_train, _ = chase_db1(num_clients=1)
+  train, test = chase_db1(num_sites=config.num_clients, seed=config.split_seed)
+  pooled_train, _ = chase_db1(num_sites=1)
   images, target, fov, ids = _test_arrays(test)
   raw = load_raw()
   target_2 = np.stack([raw.labels[1, raw.index(i)] > 0 for i in ids])
@@ -232,10 +233,10 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
   return records, timings
 
 
-def tables(records: list[dict], num_clients: int) -> str:
+def tables(records: list[dict], num_sites: int) -> str:
   ids = [i for site in site_image_ids()[1] for i in site]
   order = ["fedavg", "local", "pooled", "observer_2"] + [
-      f"local_{k}" for k in range(num_clients)]
+      f"local_{k}" for k in range(num_sites)]
   return "\n\n".join(fm.report.summary_table(records, metric, "test", ids + ["mean"], order)
                      for metric in METRICS)
 
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   config = Config.smoke() if args.smoke else Config()
-  config = fm.experiment.with_overrides(config, rounds=args.rounds, seeds=args.seeds)
+  config = fm.training.loop.with_overrides(config, rounds=args.rounds, seeds=args.seeds)
   start = time.perf_counter()
   records, timings = run(config, args.out, progress=not args.no_progress)
   elapsed = time.perf_counter() - start
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
       f"device: {jax.devices()[0].platform}; wall time {elapsed:.0f} s ("
       + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")\n")
   os.makedirs(args.out, exist_ok=True)
-  fm.experiment.write_table(args.out, header + "\n" + text + "\n")
+  fm.training.loop.write_table(args.out, header + "\n" + text + "\n")
   print(header)
   print(text)
   print(f"\nwrote {os.path.join(args.out, 'results.json')} ({len(records)} records)"

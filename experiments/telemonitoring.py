@@ -231,7 +231,7 @@ def main(argv=None) -> int:
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   config = Config.smoke() if args.smoke else Config()
-  config = fm.experiment.with_overrides(config, seeds=args.seeds, rounds=args.rounds)
+  config = fm.training.loop.with_overrides(config, seeds=args.seeds, rounds=args.rounds)
   if args.target:
     targets = tuple(t.strip() for t in args.target.split(",") if t.strip())
     for t in targets:
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     texts.append(f"## {target}\n\n" + summary(records, dataset_name(target)))
     bar_plot(records, dataset_name(target), os.path.join(args.out, f"telemonitoring_{target}.png"))
   text = "\n\n".join(texts)
-  fm.experiment.write_table(args.out, text + "\n")
+  fm.training.loop.write_table(args.out, text + "\n")
   print(text)
   print(f"\nwrote {os.path.join(args.out, 'results.json')} ({len(records)} records)")
   return 0

@@ -1,7 +1,9 @@
 """CHASE_DB1 loader: files, split by whole children, labels, FOV, cache, errors."""
 
 import hashlib
+import inspect
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -84,22 +86,22 @@ def test_loader_shapes_labels_and_rows(split, raw):
   assert test.site_names == ("child_11", "child_12", "child_13", "child_14")
 
 
-@pytest.mark.parametrize("num_clients,seed", [(5, 0), (3, 1), (10, 2), (1, 0), (4, 7)])
-def test_children_are_never_split(num_clients, seed):
-  groups = cdb.client_children(num_clients, seed)
-  assert len(groups) == num_clients
+@pytest.mark.parametrize("num_sites,seed", [(5, 0), (3, 1), (10, 2), (1, 0), (4, 7)])
+def test_children_are_never_split(num_sites, seed):
+  groups = cdb.client_children(num_sites, seed)
+  assert len(groups) == num_sites
   flat = [c for g in groups for c in g]
   assert sorted(flat) == list(range(1, 11))          # each training child once
   sizes = [len(g) for g in groups]
   assert max(sizes) - min(sizes) <= 1
-  train_ids, test_ids = cdb.site_image_ids(num_clients, seed)
+  train_ids, test_ids = cdb.site_image_ids(num_sites, seed)
   child = lambda image_id: int(image_id[:2])
   train_children = [{child(i) for i in site} for site in train_ids]
   test_children = {child(i) for site in test_ids for i in site}
   assert test_children == {11, 12, 13, 14}
-  for a in range(num_clients):
+  for a in range(num_sites):
     assert not train_children[a] & test_children
-    for b in range(a + 1, num_clients):
+    for b in range(a + 1, num_sites):
       assert not train_children[a] & train_children[b]
   # Both eyes of a child are in the same site.
   for site in train_ids + test_ids:
@@ -113,17 +115,55 @@ def test_split_depends_on_seed():
 
 
 def test_annotator_two_and_bad_options(raw):
-  _, test = cdb.chase_db1(num_clients=10, annotator=2)
+  _, test = cdb.chase_db1(num_sites=10, annotator=2)
   np.testing.assert_array_equal(np.asarray(test.y[0, 1, ..., 0]),
                                 raw.labels[1, raw.index("11R")])
   for bad in (0, 11, 2.5, True, "5"):
-    with pytest.raises(OptionError, match="num_clients"):
-      cdb.chase_db1(num_clients=bad)
+    with pytest.raises(OptionError, match="num_sites must be"):
+      cdb.chase_db1(num_sites=bad)
   for bad in (0, 3, True, "1"):
     with pytest.raises(ValueError, match="annotator must be 1"):
       cdb.chase_db1(annotator=bad)
   with pytest.raises(ValueError, match="seed"):
     cdb.chase_db1(seed=0.5)
+
+
+def test_num_clients_is_a_deprecated_name_of_num_sites():
+  # The 0.1 keyword warns, naming num_sites, at the caller's line, and gives the
+  # same arrays as num_sites (a K other than the default 5, so a dropped value shows).
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")                      # num_sites itself never warns
+    new_train, new_test = cdb.chase_db1(num_sites=3, seed=1)
+    new_children = cdb.client_children(num_sites=3, seed=1)
+    new_ids = cdb.site_image_ids(num_sites=3, seed=1)
+  with pytest.warns(DeprecationWarning, match=r"num_clients= is deprecated, use num_sites=") \
+      as record:
+    old_train, old_test = cdb.chase_db1(num_clients=3, seed=1)
+  assert [w.filename for w in record] == [__file__]
+  assert old_train.num_sites == 3 and len(old_train.site_names) == 3
+  for old, new in ((old_train, new_train), (old_test, new_test)):
+    for field in ("x", "y", "mask", "num_examples"):
+      np.testing.assert_array_equal(np.asarray(getattr(old, field)),
+                                    np.asarray(getattr(new, field)))
+    assert old.site_names == new.site_names and old.label_type == new.label_type
+  with pytest.warns(DeprecationWarning, match="use num_sites="):
+    assert cdb.client_children(num_clients=3, seed=1) == new_children
+  with pytest.warns(DeprecationWarning, match="use num_sites="):
+    assert cdb.site_image_ids(num_clients=3, seed=1) == new_ids
+  # Both names is an error (OptionError is a ValueError and a TypeError).
+  for call in (lambda: cdb.chase_db1(num_sites=3, num_clients=3),
+               lambda: cdb.chase_db1(3, num_clients=3),
+               lambda: cdb.client_children(3, num_clients=3),
+               lambda: cdb.site_image_ids(num_sites=3, num_clients=3)):
+    with pytest.raises(OptionError, match="give num_sites only; num_clients is its"):
+      call()
+  with pytest.raises(TypeError):
+    cdb.chase_db1(num_sites=5, num_clients=5)
+  # The bad-value errors through the old name also say num_sites.
+  with pytest.warns(DeprecationWarning), pytest.raises(OptionError, match="num_sites must"):
+    cdb.chase_db1(num_clients=11)
+  assert list(inspect.signature(cdb.chase_db1).parameters)[0] == "num_sites"
+  assert "num_clients" not in inspect.signature(cdb.chase_db1).parameters
 
 
 def test_fov_on_the_bundled_images(raw):

@@ -5,8 +5,10 @@ features use `pytest.importorskip("rdkit")` and a temporary cache folder.
 """
 
 import importlib.util
+import inspect
 import os
 import sys
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -33,13 +35,13 @@ def synthetic_scaffolds(seed=0):
   return scaffolds
 
 
-def check_partition(scaffolds, part, num_partners, exclusive_common):
+def check_partition(scaffolds, part, num_sites, exclusive_common):
   scaffolds = np.asarray(scaffolds)
   n = scaffolds.size
   # Every molecule in exactly one partner and one split; sizes add up.
   assert part.partner.shape == (n,) and part.is_test.shape == (n,)
-  assert part.partner.min() >= 0 and part.partner.max() < num_partners
-  sizes = np.bincount(part.partner, minlength=num_partners)
+  assert part.partner.min() >= 0 and part.partner.max() < num_sites
+  sizes = np.bincount(part.partner, minlength=num_sites)
   assert sizes.sum() == n and (sizes > 0).all()
   # No scaffold in two partners (the common ones only when exclusive).
   for s in set(scaffolds.tolist()):
@@ -47,7 +49,7 @@ def check_partition(scaffolds, part, num_partners, exclusive_common):
       continue
     assert np.unique(part.partner[scaffolds == s]).size == 1, s
   # Scaffold-disjoint train/test inside every partner split by scaffold.
-  for p in range(num_partners):
+  for p in range(num_sites):
     rows = part.partner == p
     train = set(scaffolds[rows & ~part.is_test].tolist())
     test = set(scaffolds[rows & part.is_test].tolist())
@@ -113,9 +115,10 @@ def test_bad_input():
   scaffolds = synthetic_scaffolds()
   n_ring = len(set(scaffolds)) - 2
   for bad in (0, -1, 1.5, True):
-    with pytest.raises(fm.OptionError, match="num_partners"):
+    with pytest.raises(fm.OptionError, match="num_sites must be"):
       scaffold_partition(scaffolds, bad)
-  with pytest.raises(fm.OptionError, match=rf"number of scaffolds other.*\({n_ring}\)"):
+  with pytest.raises(fm.OptionError,
+                     match=rf"num_sites={n_ring + 1} > number of scaffolds other.*\({n_ring}\)"):
     scaffold_partition(scaffolds, n_ring + 1)
   scaffold_partition(scaffolds, n_ring)                 # the largest allowed
   with pytest.raises(fm.OptionError, match=r"distinct scaffolds \(152\)"):
@@ -130,10 +133,40 @@ def test_bad_input():
   with pytest.raises(fm.OptionError, match="test_fraction"):
     scaffold_partition(scaffolds, 4, test_fraction=1.0)
   # The loader checks options before touching RDKit or the cache.
-  with pytest.raises(fm.OptionError, match="num_partners"):
+  with pytest.raises(fm.OptionError, match="num_sites must be"):
     tox21(0, cache_dir=False)
   with pytest.raises(fm.OptionError, match="alpha"):
     tox21(4, "dirichlet", alpha=0, cache_dir=False)
+
+
+def test_num_partners_is_a_deprecated_name_of_num_sites():
+  # scaffold_partition: the 0.1 keyword warns at the caller's line, naming
+  # num_sites, and deals the molecules exactly as num_sites does.
+  scaffolds = synthetic_scaffolds()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")                      # num_sites itself never warns
+    new = scaffold_partition(scaffolds, num_sites=5, split="dirichlet", seed=3)
+  with pytest.warns(DeprecationWarning, match=r"num_partners= is deprecated, use num_sites=") \
+      as record:
+    old = scaffold_partition(scaffolds, num_partners=5, split="dirichlet", seed=3)
+  assert [w.filename for w in record] == [__file__]
+  assert old.partner.max() == 4
+  np.testing.assert_array_equal(old.partner, new.partner)
+  np.testing.assert_array_equal(old.is_test, new.is_test)
+  assert old.random_split_partners == new.random_split_partners
+  # Both names is an error (OptionError is a ValueError and a TypeError), for
+  # tox21 before it touches RDKit or the cache.
+  for call in (lambda: scaffold_partition(scaffolds, 5, num_partners=5),
+               lambda: scaffold_partition(scaffolds, num_sites=5, num_partners=5),
+               lambda: tox21(8, num_partners=8, cache_dir=False),
+               lambda: tox21(num_sites=4, num_partners=8, cache_dir=False)):
+    with pytest.raises(TypeError, match="give num_sites only; num_partners is its"):
+      call()
+  with pytest.warns(DeprecationWarning), pytest.raises(fm.OptionError, match="num_sites must"):
+    tox21(num_partners=0, cache_dir=False)
+  for fn in (tox21, scaffold_partition):
+    params = inspect.signature(fn).parameters
+    assert "num_sites" in params and "num_partners" not in params
 
 
 def test_table_labels_match_source_md():
@@ -214,8 +247,9 @@ def test_unwritable_cache_falls_back_with_a_warning(cache, tmp_path, monkeypatch
 
 def test_loader_scaffold_split(cache):
   folder, entry = cache
-  with pytest.warns(tox21_lib.Tox21ParseWarning, match="could not parse 8 of 7831"):
+  with pytest.warns(tox21_lib.Tox21ParseWarning, match="could not parse 8 of 7831") as record:
     train, test, info = tox21(8, cache_dir=folder, verbose=False, return_info=True)
+  assert [w.filename for w in record] == [__file__]     # the caller's line
   assert [line for line, _ in info.dropped] == list(UNPARSEABLE_LINES)
   n = int(np.asarray(train.num_examples).sum() + np.asarray(test.num_examples).sum())
   assert n == 7823
@@ -234,6 +268,24 @@ def test_loader_scaffold_split(cache):
     np.testing.assert_array_equal(x_k, entry["fingerprints"][[position[int(i)] for i in r]])
   summary = {s["partner"]: s for s in info.summary}
   assert all(0.15 < s["acyclic_share"] < 0.3 for s in summary.values())
+
+
+def test_loader_num_partners_gives_the_same_federated_data(cache):
+  folder, _ = cache
+  kwargs = dict(split="dirichlet", alpha=0.5, cache_dir=folder, verbose=False, return_info=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", tox21_lib.Tox21ParseWarning)
+    warnings.simplefilter("error", DeprecationWarning)   # num_sites itself never warns
+    new = tox21(num_sites=5, **kwargs)
+    with pytest.warns(DeprecationWarning, match="num_partners= is deprecated, use num_sites="):
+      old = tox21(num_partners=5, **kwargs)
+  assert old[0].num_sites == 5
+  for a, b in zip(old[:2], new[:2]):
+    for field in ("x", "y", "mask", "num_examples"):
+      np.testing.assert_array_equal(np.asarray(getattr(a, field)), np.asarray(getattr(b, field)))
+    assert a.site_names == b.site_names and a.label_type == b.label_type
+  np.testing.assert_array_equal(old[2].partition.partner, new[2].partition.partner)
+  assert old[2].summary == new[2].summary
 
 
 def test_loader_exclusive_reproduces_the_skew(cache, capsys):

@@ -12,9 +12,9 @@ ground truth) and `2nd_label/Image_NNE_2ndHO.png` (second observer, the
 usual human reference). Arrays here are `[H, W] = [960, 999]`.
 
 Split (fixed, by child, so both eyes of a child are always together):
-  * train: children 01-10 (20 images), grouped into `num_clients` clients
-    of whole children by a seeded permutation (5 clients = 2 children = 4
-    images each by default);
+  * train: children 01-10 (20 images), grouped into `num_sites` sites
+    (clients) of whole children by a seeded permutation (5 sites = 2
+    children = 4 images each by default);
   * test: children 11-14 (8 images), one test site per child.
 This is the 20-train / 8-test split common in U-Net-family papers. Idiap's
 bob.ip.binseg "first-annotator" protocol uses the reverse (train 11-14,
@@ -71,6 +71,7 @@ import numpy as np
 
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.options import OptionError
+from fedjax_med.data._renamed import renamed_keyword
 
 HEIGHT, WIDTH = 960, 999
 CHILDREN = tuple(range(1, 15))
@@ -308,28 +309,33 @@ def _check_int(name: str, value, low: int, high: int) -> int:
   return int(value)
 
 
-def client_children(num_clients: int = 5, seed: int = 0) -> tuple[tuple[int, ...], ...]:
-  """The training children of each client: K tuples of child numbers (sorted).
+@renamed_keyword("num_clients", "num_sites")
+def client_children(num_sites: int = 5, seed: int = 0) -> tuple[tuple[int, ...], ...]:
+  """The training children of each site (client): K tuples of child numbers (sorted).
 
   Children 01-10 are shuffled by `np.random.default_rng(seed).permutation`
-  and cut into `num_clients` consecutive groups whose sizes differ by at
-  most one (`np.array_split`): 5 clients get 2 children each, 3 clients get
-  4, 3 and 3.
+  and cut into `num_sites` = K consecutive groups whose sizes differ by at
+  most one (`np.array_split`): 5 sites get 2 children each, 3 sites get
+  4, 3 and 3. `num_clients=` is the deprecated earlier name of `num_sites=`.
   """
-  num_clients = _check_int("num_clients", num_clients, 1, len(TRAIN_CHILDREN))
+  num_sites = _check_int("num_sites", num_sites, 1, len(TRAIN_CHILDREN))
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise OptionError(f"chase_db1: seed must be an integer, got {seed!r}")
   order = np.random.default_rng(int(seed)).permutation(np.asarray(TRAIN_CHILDREN))
   return tuple(tuple(sorted(int(c) for c in group))
-               for group in np.array_split(order, num_clients))
+               for group in np.array_split(order, num_sites))
 
 
-def site_image_ids(num_clients: int = 5, seed: int = 0
+@renamed_keyword("num_clients", "num_sites")
+def site_image_ids(num_sites: int = 5, seed: int = 0
                    ) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]:
-  """Image ids of every row: (train [K][n_k], test [4][2]), as `chase_db1` orders them."""
+  """Image ids of every row: (train [K][n_k], test [4][2]), as `chase_db1` orders them.
+
+  `num_clients=` is the deprecated earlier name of `num_sites=`.
+  """
   def ids(children):
     return tuple(f"{c:02d}{e}" for c in children for e in EYES)
-  return (tuple(ids(group) for group in client_children(num_clients, seed)),
+  return (tuple(ids(group) for group in client_children(num_sites, seed)),
           tuple(ids((c,)) for c in TEST_CHILDREN))
 
 
@@ -337,16 +343,20 @@ def _site_name(children) -> str:
   return "children_" + "_".join(f"{c:02d}" for c in children)
 
 
-def chase_db1(num_clients: int = 5, annotator: int = 1, seed: int = 0, *,
+@renamed_keyword("num_clients", "num_sites")
+def chase_db1(num_sites: int = 5, annotator: int = 1, seed: int = 0, *,
               cache: bool = True) -> tuple[FederatedData, FederatedData]:
-  """CHASE_DB1 as (train, test) FederatedData; clients are groups of whole children.
+  """CHASE_DB1 as (train, test) FederatedData; sites are groups of whole children.
 
   Args:
-    num_clients: K, the number of training clients (1..10); children 01-10
-      are split between them by `client_children(num_clients, seed)`.
+    num_sites: K, the number of training sites (clients), 1..10; children
+      01-10 are split between them by `client_children(num_sites, seed)`.
+      `num_clients=` is its deprecated earlier name (same result, a
+      DeprecationWarning; removed in 0.3); giving both is an
+      OptionError.
     annotator: whose vessel labels go in y[..., 0]: 1 (first observer, the
       usual ground truth) or 2 (second observer).
-    seed: seed of the children -> clients assignment.
+    seed: seed of the children -> sites assignment.
     cache: use the decoded-array cache (see the module docstring).
 
   Returns:
@@ -358,15 +368,15 @@ def chase_db1(num_clients: int = 5, annotator: int = 1, seed: int = 0, *,
     {0, 1}; label_type "binary". `site_image_ids` gives every row's image id.
 
   Raises:
-    OptionError (a ValueError) for num_clients outside 1..10, an annotator
+    OptionError (a ValueError) for num_sites outside 1..10, an annotator
     other than 1 or 2, or a non-integer seed.
   """
-  num_clients = _check_int("num_clients", num_clients, 1, len(TRAIN_CHILDREN))
+  num_sites = _check_int("num_sites", num_sites, 1, len(TRAIN_CHILDREN))
   if isinstance(annotator, bool) or annotator not in ANNOTATORS:
     raise OptionError(
         f"chase_db1: annotator must be 1 (first observer) or 2 (second observer),"
         f" got {annotator!r}")
-  groups = client_children(num_clients, seed)
+  groups = client_children(num_sites, seed)
   raw = load_raw(cache=cache)
   train = _federated(raw, groups, annotator, [_site_name(g) for g in groups])
   test = _federated(raw, [(c,) for c in TEST_CHILDREN], annotator,

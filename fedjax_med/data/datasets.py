@@ -6,7 +6,7 @@ bundled with the package (no download), one import away.
     train, test = fedjax_med.datasets.tox21()           # pharma partners (needs rdkit once)
     train, test = fedjax_med.datasets.parkinsons_telemonitoring()   # 42 home devices
     train, test = fedjax_med.datasets.breastmnist(num_sites=5, partition="dirichlet")
-    train, test = fedjax_med.datasets.chase_db1(num_clients=5)      # retinal vessels
+    train, test = fedjax_med.datasets.chase_db1(num_sites=5)        # retinal vessels
     train, test = fedjax_med.datasets.from_tfds("mnist", data_dir=...)  # [tfds] extra
     stats, train, test = fedjax_med.datasets.federated_standardize(raw_train, raw_test)
 """

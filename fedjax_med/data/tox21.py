@@ -18,7 +18,7 @@ Pipeline of `tox21(...)`:
    acyclic molecules). The result is cached on disk (`cache_path`), so later
    loads need neither RDKit nor the 2 s of featurisation.
 2. **Partners** (`scaffold_partition`): molecules are grouped by scaffold and
-   the groups are dealt to `num_partners` pharma partners so that no
+   the groups are dealt to `num_sites` = K pharma partners so that no
    scaffold crosses partners (MELLODDY / FedChem-style). Two "scaffolds" are
    giants: acyclic molecules (1775) and plain benzene (1474), 41% of the
    data. `common_scaffolds` says what to do with them:
@@ -72,6 +72,7 @@ import numpy as np
 
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.options import OptionError, check_choice
+from fedjax_med.data._renamed import renamed_keyword
 
 ASSAYS = ("NR-AR", "NR-AR-LBD", "NR-AhR", "NR-Aromatase", "NR-ER", "NR-ER-LBD",
           "NR-PPAR-gamma", "SR-ARE", "SR-ATAD5", "SR-HSE", "SR-MMP", "SR-p53")
@@ -280,13 +281,13 @@ class Partition:
   random_split_partners: tuple[int, ...]
 
 
-def _check_options(num_partners, split, alpha, common_scaffolds, test_fraction):
+def _check_options(num_sites, split, alpha, common_scaffolds, test_fraction):
   check_choice("tox21", "split", split, SPLITS)
   check_choice("tox21", "common_scaffolds", common_scaffolds, COMMON_MODES)
-  if isinstance(num_partners, bool) or not isinstance(num_partners, (int, np.integer)):
-    raise OptionError(f"tox21: num_partners must be an integer >= 1, got {num_partners!r}")
-  if num_partners < 1:
-    raise OptionError(f"tox21: num_partners must be >= 1, got {num_partners}")
+  if isinstance(num_sites, bool) or not isinstance(num_sites, (int, np.integer)):
+    raise OptionError(f"tox21: num_sites must be an integer >= 1, got {num_sites!r}")
+  if num_sites < 1:
+    raise OptionError(f"tox21: num_sites must be >= 1, got {num_sites}")
   try:
     alpha = float(alpha)
   except (TypeError, ValueError):
@@ -299,7 +300,7 @@ def _check_options(num_partners, split, alpha, common_scaffolds, test_fraction):
     raise OptionError(f"tox21: test_fraction must be in (0, 1), got {test_fraction!r}") from None
   if not 0.0 < test_fraction < 1.0:
     raise OptionError(f"tox21: test_fraction must be in (0, 1), got {test_fraction!r}")
-  return int(num_partners), alpha, test_fraction
+  return int(num_sites), alpha, test_fraction
 
 
 def _within_partner_split(rows, scaffolds, test_fraction, rng):
@@ -321,7 +322,8 @@ def _within_partner_split(rows, scaffolds, test_fraction, rng):
   return np.asarray(sorted(test), np.int64)
 
 
-def scaffold_partition(scaffolds: Sequence[str], num_partners: int = 8,
+@renamed_keyword("num_partners", "num_sites")
+def scaffold_partition(scaffolds: Sequence[str], num_sites: int = 8,
                        split: str = "scaffold", alpha: float = 1.0,
                        common_scaffolds: str = "spread", test_fraction: float = 0.2,
                        seed: int = 0) -> Partition:
@@ -331,9 +333,11 @@ def scaffold_partition(scaffolds: Sequence[str], num_partners: int = 8,
 
   Args:
     scaffolds: n scaffold strings ("" = acyclic).
-    num_partners: K >= 1, at most the number of partner-exclusive scaffolds
-      (all distinct scaffolds for "exclusive", those other than acyclic and
-      benzene for "spread").
+    num_sites: K >= 1 partners, at most the number of partner-exclusive
+      scaffolds (all distinct scaffolds for "exclusive", those other than
+      acyclic and benzene for "spread"). `num_partners=` is its deprecated
+      earlier name (same result, a DeprecationWarning; removed in 0.3);
+      giving both is an OptionError.
     split: "scaffold" (greedy balanced) or "dirichlet" (q ~ Dir(alpha 1_K)).
     alpha: Dirichlet concentration > 0 (checked for every split).
     common_scaffolds: "spread" or "exclusive".
@@ -341,10 +345,10 @@ def scaffold_partition(scaffolds: Sequence[str], num_partners: int = 8,
     seed: seed of `numpy.random.default_rng`.
 
   Raises:
-    OptionError on a bad option, num_partners < 1 or > the number of scaffolds.
+    OptionError on a bad option, num_sites < 1 or > the number of scaffolds.
   """
-  num_partners, alpha, test_fraction = _check_options(
-      num_partners, split, alpha, common_scaffolds, test_fraction)
+  num_sites, alpha, test_fraction = _check_options(
+      num_sites, split, alpha, common_scaffolds, test_fraction)
   scaffolds = [str(s) for s in scaffolds]
   n = len(scaffolds)
   rng = np.random.default_rng(seed)
@@ -354,13 +358,13 @@ def scaffold_partition(scaffolds: Sequence[str], num_partners: int = 8,
   names = sorted(groups)
   spread = [s for s in names if common_scaffolds == "spread" and s in COMMON_SCAFFOLDS]
   exclusive = [s for s in names if s not in spread]
-  if num_partners > len(exclusive):
+  if num_sites > len(exclusive):
     what = ("distinct scaffolds" if common_scaffolds == "exclusive" else
             "scaffolds other than acyclic and benzene (common_scaffolds='spread')")
     raise OptionError(
-        f"tox21: num_partners={num_partners} > number of {what} ({len(exclusive)});"
+        f"tox21: num_sites={num_sites} > number of {what} ({len(exclusive)});"
         " every partner needs at least one scaffold of its own")
-  k = num_partners
+  k = num_sites
   partner = np.full(n, -1, np.int64)
   q = np.full(k, 1.0 / k) if split == "scaffold" else rng.dirichlet(np.full(k, alpha))
 
@@ -431,9 +435,9 @@ class Tox21Info:
   rdkit_version: str
 
 
-def _summary(scaffolds, part: Partition, num_partners):
+def _summary(scaffolds, part: Partition, num_sites):
   out = []
-  for p in range(num_partners):
+  for p in range(num_sites):
     rows = part.partner == p
     n = int(rows.sum())
     s = scaffolds[rows]
@@ -458,14 +462,18 @@ def format_summary(summary: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
-def tox21(num_partners: int = 8, split: str = "scaffold", alpha: float = 1.0, *,
+@renamed_keyword("num_partners", "num_sites")
+def tox21(num_sites: int = 8, split: str = "scaffold", alpha: float = 1.0, *,
           common_scaffolds: str = "spread", test_fraction: float = 0.2, seed: int = 0,
           cache_dir: str | None | bool = None, verbose: bool = True,
           return_info: bool = False):
   """Tox21 as K pharma partners: (train, test) FederatedData [, Tox21Info].
 
   Args:
-    num_partners: K >= 1 (at most the number of partner-exclusive scaffolds).
+    num_sites: K >= 1 partners (at most the number of partner-exclusive
+      scaffolds). `num_partners=` is its deprecated earlier name (same
+      result, a DeprecationWarning; removed in 0.3); giving both is an
+      OptionError.
     split: "scaffold" (balanced, greedy) or "dirichlet" (skewed sizes).
     alpha: Dirichlet concentration for split="dirichlet" (> 0).
     common_scaffolds: "spread" (default) or "exclusive", see module doc.
@@ -487,7 +495,7 @@ def tox21(num_partners: int = 8, split: str = "scaffold", alpha: float = 1.0, *,
     OptionError for bad options; ImportError (naming the `chem` extra) when
     the features are not cached and RDKit is missing.
   """
-  _check_options(num_partners, split, alpha, common_scaffolds, test_fraction)
+  _check_options(num_sites, split, alpha, common_scaffolds, test_fraction)
   entry, smiles = load_features(cache_dir)
   _, labels, observed = load_table()
   ok = entry["ok"]
@@ -501,25 +509,26 @@ def tox21(num_partners: int = 8, split: str = "scaffold", alpha: float = 1.0, *,
     if verbose:
       print(message)
     else:
-      warnings.warn(message, Tox21ParseWarning, stacklevel=2)
+      # stacklevel 3: the caller of tox21, past the renamed_keyword wrapper.
+      warnings.warn(message, Tox21ParseWarning, stacklevel=3)
   scaffolds = entry["scaffolds"]
-  part = scaffold_partition(scaffolds, num_partners, split, alpha, common_scaffolds,
+  part = scaffold_partition(scaffolds, num_sites, split, alpha, common_scaffolds,
                             test_fraction, seed)
   x_all = entry["fingerprints"].astype(np.float32)
   y_all = np.stack([labels[rows], observed[rows]], axis=-1)     # [n, 12, 2]
-  names = [f"partner_{p}" for p in range(num_partners)]
+  names = [f"partner_{p}" for p in range(num_sites)]
   out = {"train": [], "test": []}
   partner_rows = []
-  for p in range(num_partners):
+  for p in range(num_sites):
     pr = {}
     for split_name, flag in (("train", False), ("test", True)):
       idx = np.flatnonzero((part.partner == p) & (part.is_test == flag))
       out[split_name].append((x_all[idx], y_all[idx]))
       pr[split_name] = rows[idx]
     partner_rows.append(pr)
-  summary = _summary(scaffolds, part, num_partners)
+  summary = _summary(scaffolds, part, num_sites)
   if verbose:
-    print(f"tox21: {len(rows)} molecules, {num_partners} partners, split={split!r}"
+    print(f"tox21: {len(rows)} molecules, {num_sites} partners, split={split!r}"
           f"{f', alpha={alpha}' if split == 'dirichlet' else ''},"
           f" common_scaffolds={common_scaffolds!r}, seed={seed}")
     print(format_summary(summary))
