@@ -46,6 +46,7 @@ datasets = data.datasets
 robust = aggregators.robust
 compression = aggregators.compression
 segmentation = algorithms.segmentation
+experiment = training.loop
 MOVED_MODULES = {
     "fedjax_med.datasets": "fedjax_med.data.datasets",
     "fedjax_med.robust": "fedjax_med.aggregators.robust",

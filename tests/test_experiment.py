@@ -72,15 +72,15 @@ def test_experiment_script_helpers(tmp_path):
     rounds: int = 10
     alpha: float = 0.5
 
-  assert fm.experiment.parse_seeds("0, 1,2") == (0, 1, 2)
+  assert fm.training.loop.parse_seeds("0, 1,2") == (0, 1, 2)
   for bad in ("", ",", "a,1"):
     with pytest.raises(ValueError, match="seeds"):
-      fm.experiment.parse_seeds(bad)
-  config = fm.experiment.with_overrides(Config(), seeds="3,4", rounds=None, alpha=0.1)
+      fm.training.loop.parse_seeds(bad)
+  config = fm.training.loop.with_overrides(Config(), seeds="3,4", rounds=None, alpha=0.1)
   assert config == Config(seeds=(3, 4), rounds=10, alpha=0.1)
-  assert fm.experiment.with_overrides(Config(), seeds="", rounds=5) == Config(rounds=5)
-  assert fm.experiment.with_overrides(Config(), seeds=(7,)) == Config(seeds=(7,))
-  path = fm.experiment.write_table(str(tmp_path / "out"), "| a |\n")
+  assert fm.training.loop.with_overrides(Config(), seeds="", rounds=5) == Config(rounds=5)
+  assert fm.training.loop.with_overrides(Config(), seeds=(7,)) == Config(seeds=(7,))
+  path = fm.training.loop.write_table(str(tmp_path / "out"), "| a |\n")
   assert path == str(tmp_path / "out" / "table.md") and open(path).read() == "| a |\n"
 
 

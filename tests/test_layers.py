@@ -86,6 +86,7 @@ def test_version_0_1_attribute_names_still_work():
   assert fm.robust is fm.aggregators.robust
   assert fm.compression is fm.aggregators.compression
   assert fm.checkpoint is fm.training.checkpoint
+  assert fm.experiment is fm.training.loop and fm.segmentation is fm.algorithms.segmentation
   assert fm.audit is fm.training.audit and fm.report is fm.training.report
   assert fm.privacy.dp_fedavg is fm.algorithms.dp_fedavg
   assert fm.privacy.dp_sgd_fedavg is fm.algorithms.dp_sgd_fedavg
