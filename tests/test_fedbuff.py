@@ -263,3 +263,99 @@ def test_site_speeds():
 def test_bad_input_raises_clear_errors(make, match):
   with pytest.raises(OptionError, match=match):
     make()
+
+
+# ---------------------------------------------------------------------------
+# State types, the kit's server step with a stateful optimizer, checkpoints.
+# ---------------------------------------------------------------------------
+
+from fedjax_med.algorithms.fedbuff import FedBuffClientState, FedBuffServerState  # noqa: E402
+
+
+def test_state_types_have_the_documented_shapes():
+  algo = fedbuff(bce_loss, **HAND)
+  state = algo.init(init_params(), 3, speeds=HAND_SPEEDS)
+  cs = state.client_states
+  assert isinstance(cs, FedBuffClientState)
+  assert cs.update["w"].shape == (3, 3) and cs.update["b"].shape == (3,)
+  assert cs.version.shape == (3,) and cs.version.dtype == jnp.int32
+  assert cs.finish.shape == (3,) and cs.busy.dtype == jnp.bool_
+  server = state.algorithm_state
+  assert isinstance(server, FedBuffServerState)
+  assert server.slots["w"].shape == (2, 3) and server.slots["b"].shape == (2,)
+  for field in ("slot_site", "slot_staleness", "slot_weight", "slot_loss"):
+    assert getattr(server, field).shape == (2,), field
+  np.testing.assert_array_equal(server.speeds, np.float32(HAND_SPEEDS))
+  # After the hand-worked round 0 (module test above): sites 0, 1 arrived at t = 2,
+  # site 2 still runs the job it started at version 0 and finishes at t = 3.
+  state, _ = algo.round(state, _hand_data(), jax.random.PRNGKey(0))
+  cs, server = state.client_states, state.algorithm_state
+  np.testing.assert_array_equal(cs.busy, [False, False, True])
+  assert float(cs.finish[2]) == 3.0 and int(cs.version[2]) == 0
+  assert float(server.clock) == 2.0 and int(server.version) == 1
+  assert int(server.count) == 1 and int(server.slot_site[0]) == 1     # site 1, stale by 1
+  assert int(server.slot_staleness[0]) == 1
+
+
+def test_server_momentum_matches_numpy_reference():
+  """The flush is the kit's server step: optax.sgd(0.5, momentum=0.9) on Delta_bar.
+  Full-batch one-step jobs, equal speeds, M = K = 2: every flush is the n-weighted
+  mean of lr grad F_k(w_r); trace_r = D_r + 0.9 trace_{r-1}, w_{r+1} = w_r - 0.5 trace_r."""
+  sites = make_sites([5, 3], seed=4)
+  data = fm.FederatedData.from_sites(sites)
+  lr, eta, beta = 0.3, 0.5, 0.9
+  algo = fedbuff(bce_loss, client_optimizer=SGD_03, local_steps=1, batch_size=8,
+                 buffer_size=2, shuffle=False, server_optimizer=optax.sgd(eta, momentum=beta))
+  state = algo.init(init_params(), 2)
+  n = np.asarray([len(y) for _, y in sites], np.float64)
+  w, b = to_np(init_params())
+  tw, tb = np.zeros_like(w), 0.0
+  for r in range(4):
+    dw, db = np.zeros_like(w), 0.0
+    for k, (x, y) in enumerate(sites):
+      gw, gb = np_bce_grad(w, b, x.astype(np.float64), y.astype(np.float64))
+      dw, db = dw + n[k] / n.sum() * lr * gw, db + n[k] / n.sum() * lr * gb
+    tw, tb = dw + beta * tw, db + beta * tb
+    w, b = w - eta * tw, b - eta * tb
+    state, m = algo.round(state, data, jax.random.PRNGKey(r))
+    np.testing.assert_array_equal(m["staleness"], [0, 0])
+    np.testing.assert_allclose(state.params["w"], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.params["b"], b, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointed_run_resumes_bit_identical(tmp_path):
+  """run_rounds(checkpoint_dir=...) saves and restores the FedBuff state (NamedTuple
+  client states, the buffer, the clock, the uplink and reducer states, server Adam):
+  a run interrupted after round 2 and rerun ends as the uninterrupted run, bit for bit."""
+  data = _hand_data()
+  algo = fedbuff(bce_loss, client_optimizer=SGD, local_steps=1, batch_size=2, buffer_size=2,
+                 jitter=0.2, server_optimizer=optax.adam(0.05),
+                 uplink=compression.uplink(compression.qsgd(8)))
+  init = lambda: algo.init(init_params(), 3, speeds=HAND_SPEEDS)  # noqa: E731
+  key = jax.random.PRNGKey(21)
+  want, want_history = fm.run_rounds(algo, init(), data, 5, key, progress=False)
+
+  def stop_after_round_2(r, state, metrics):
+    if r == 2:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    fm.run_rounds(algo, init(), data, 5, key, progress=False,
+                  checkpoint_dir=tmp_path / "ckpt", callback=stop_after_round_2)
+  restored = fm.checkpoint.restore(tmp_path / "ckpt", init())
+  assert restored.round == 3 and isinstance(restored.state.client_states, FedBuffClientState)
+  assert isinstance(restored.state.algorithm_state, FedBuffServerState)
+  assert float(restored.state.algorithm_state.clock) == float(
+      want_history["sim_time"][2])
+  seen = []
+  got, history = fm.run_rounds(algo, init(), data, 5, key, progress=False,
+                               checkpoint_dir=tmp_path / "ckpt",
+                               callback=lambda r, s, m: seen.append(r))
+  assert seen == [3, 4]
+  want_leaves, want_tree = jax.tree_util.tree_flatten(want)
+  got_leaves, got_tree = jax.tree_util.tree_flatten(got)
+  assert got_tree == want_tree
+  for a, b in zip(got_leaves, want_leaves):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for name in want_history:
+    np.testing.assert_array_equal(history[name], want_history[name], err_msg=name)

@@ -57,6 +57,23 @@ skipped (`lax.cond`) when no site is idle.
 Bytes are counted per job: a start downloads the model (float32 reference,
 or the `downlink` hook's `bytes_down_per_site`), an arrival uploads its
 update (float32 reference, or the `uplink` link's `bytes_up`).
+
+Built from the round-building kit (`fedjax_med.core.kit`): the options and
+the static `KitConfig` come from `kit.make_config` (the buffer's reducer is
+its aggregator, FedBuff's own options its `static` `FedBuffConfig`), the
+state from `kit.initial_state`; a job is the kit's FedAvg client
+(`kit.fedavg_client_update` in the round's `kit.client_context`, with the
+kit's per-site keys `kit.client_keys`), and a flush is the kit's server step
+(`kit.apply_server_update` in a `kit.ServerContext` whose participants are
+the buffered updates). Only the clock, the buffer and the staleness weights
+are FedBuff's own.
+
+State (`init(params, num_sites, speeds)`; K sites, buffer size M):
+
+    client_states     FedBuffClientState: each site's job in flight
+    algorithm_state   FedBuffServerState: clock, version, speeds and the buffer
+    aggregator_state  {"uplink": the uplink link's state or (),
+                       "reducer": the reducer's state}
 """
 
 from __future__ import annotations
@@ -71,17 +88,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_med.algorithms.fedavg import SGD_LR_1
 from fedjax_med.core import aggregation as agg
-from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
-                                       check_num_sites, make_algorithm, new_server_state,
-                                       server_key, stack_sites)
-from fedjax_med.core.local import LocalSchedule, client_keys, local_training, make_schedule
-from fedjax_med.core.objective import (GradientEstimator, check_batches_span_site,
-                                       mean_gradient)
-from fedjax_med.core.options import (OptionError, check_choice, check_nonnegative_float,
-                                     check_optimizer, check_positive_int, reject_unknown)
-from fedjax_med.core.state import init_client_optimizer, injected_hyperparams
+from fedjax_med.core import kit
+from fedjax_med.core.algorithm import (FederatedAlgorithm, check_num_sites, make_algorithm,
+                                       server_key)
+from fedjax_med.core.objective import GradientEstimator
+from fedjax_med.core.options import (OptionError, check_nonnegative_float, check_positive_int,
+                                     reject_unknown)
 from fedjax_med.core.tree import tree_l2_norm
 from fedjax_med.core.streams import RESTART_STREAM, DURATION_STREAM  # noqa: F401 (re-exported)
 
@@ -97,20 +110,59 @@ _OPTIONS = ("client_optimizer", "buffer_size", "server_optimizer", "local_epochs
 
 @dataclasses.dataclass(frozen=True)
 class FedBuffConfig:
-  loss_fn: Any
-  client_optimizer: optax.GradientTransformation
-  server_optimizer: optax.GradientTransformation
-  schedule: LocalSchedule
-  weighting: str
+  """FedBuff's own static options (`KitConfig.static`; hashable).
+
+  buffer_size: M, updates per server step.
+  uplink: `ClientTransform` applied to each arriving update, or None.
+  """
   buffer_size: int
-  uplink: Any = None      # ClientTransform applied to each arriving update
-  reducer: Any = None     # Aggregator over the M buffered updates
-  downlink: Any = None    # downlink(w, key) -> (w_received, metrics)
-  gradient: Any = mean_gradient().build
+  uplink: Any = None
+
+
+class FedBuffClientState(NamedTuple):
+  """`state.client_states`: each site's job in flight (every leaf leads with K).
+
+  update: tree `[K, ...]` (as params), Delta_k = w_v - w_k of the site's job.
+  version: `[K]` int32, the server version v the job started from.
+  finish: `[K]` float32, the simulated time at which the job ends.
+  busy: `[K]` bool, a job is running (its update not yet uploaded).
+  loss: `[K]` float32, the job's mean local batch loss.
+  """
+  update: Any
+  version: jax.Array
+  finish: jax.Array
+  busy: jax.Array
+  loss: jax.Array
+
+
+class FedBuffServerState(NamedTuple):
+  """The server's side: clock, model version, site speeds and the buffer.
+
+  `state.algorithm_state` is one of these.
+
+  clock: float32 `[]`, simulated time of the latest event.
+  version: int32 `[]`, server steps (flushes) so far.
+  speeds: `[K]` float32, local steps per unit of simulated time.
+  slots: tree `[M, ...]` (as params), the buffered (uplinked) updates.
+  slot_site: `[M]` int32, the site position of each buffered update.
+  slot_staleness: `[M]` int32, s_i = version at arrival - version at start.
+  slot_weight: `[M]` float32, p_i (n_i, or 1 with weighting="uniform").
+  slot_loss: `[M]` float32, the job's mean local batch loss.
+  count: int32 `[]`, updates in the buffer (0 <= count < M between events).
+  """
+  clock: jax.Array
+  version: jax.Array
+  speeds: jax.Array
+  slots: Any
+  slot_site: jax.Array
+  slot_staleness: jax.Array
+  slot_weight: jax.Array
+  slot_loss: jax.Array
+  count: jax.Array
 
 
 def fedbuff(loss_fn, *, client_optimizer: optax.GradientTransformation, buffer_size: int,
-            server_optimizer: optax.GradientTransformation = SGD_LR_1,
+            server_optimizer: optax.GradientTransformation = kit.SGD_LR_1,
             local_epochs: int | None = None, local_steps: int | None = None,
             batch_size: int = 32, weighting: str = "num_examples",
             staleness_exponent: float = 0.5, jitter: float = 0.0,
@@ -139,7 +191,8 @@ def fedbuff(loss_fn, *, client_optimizer: optax.GradientTransformation, buffer_s
     gradient_estimator: as FedAvg's.
 
   Returns:
-    FederatedAlgorithm with `init(params, num_sites, speeds=None)`. Round
+    FederatedAlgorithm with `init(params, num_sites, speeds=None)` (state
+    types `FedBuffClientState`, `FedBuffServerState`). Round
     metrics: train_loss, update_norm (of the last flush), sim_time (clock
     after the round), version (server steps so far), flushes, events,
     arrivals [K], staleness [M] and cohort [M] (the last flushed buffer's
@@ -153,7 +206,6 @@ def fedbuff(loss_fn, *, client_optimizer: optax.GradientTransformation, buffer_s
   """
   reject_unknown("fedbuff", unknown_options, _OPTIONS)
   check_positive_int("fedbuff", "buffer_size", buffer_size)
-  check_choice("fedbuff", "weighting", weighting, agg.WEIGHTINGS)
   exponent = check_nonnegative_float("fedbuff", "staleness_exponent", staleness_exponent)
   jitter = check_nonnegative_float("fedbuff", "jitter", jitter)
   if uplink is not None and not isinstance(uplink, agg.ClientTransform):
@@ -162,51 +214,42 @@ def fedbuff(loss_fn, *, client_optimizer: optax.GradientTransformation, buffer_s
   if reducer is not None and not isinstance(reducer, agg.Aggregator):
     raise OptionError(f"fedbuff: reducer must be an Aggregator (e.g."
                       f" fm.aggregators.weighted_mean()), got {type(reducer).__name__}")
-  if local_epochs is None and local_steps is None:
-    local_epochs = 1
-  estimator = gradient_estimator or mean_gradient()
-  config = FedBuffConfig(
-      loss_fn=loss_fn,
-      client_optimizer=check_optimizer("fedbuff", "client_optimizer", client_optimizer),
-      server_optimizer=check_optimizer("fedbuff", "server_optimizer", server_optimizer),
-      schedule=make_schedule("fedbuff", batch_size, local_epochs, local_steps, shuffle),
-      weighting=weighting, buffer_size=int(buffer_size), uplink=uplink,
-      reducer=reducer if reducer is not None else agg.weighted_mean(),
-      downlink=downlink, gradient=estimator.build)
+  config, estimator = kit.make_config(
+      "fedbuff", loss_fn, static=FedBuffConfig(int(buffer_size), uplink),
+      has_client_state=True, client_optimizer=client_optimizer,
+      server_optimizer=server_optimizer, local_epochs=local_epochs, local_steps=local_steps,
+      batch_size=batch_size, weighting=weighting, aggregator=reducer, shuffle=shuffle,
+      gradient_estimator=gradient_estimator, downlink=downlink)
   hparams = {**estimator.hparams, "staleness_exponent": exponent, "jitter": jitter}
 
   def init(params, num_sites: int, speeds=None):
     check_positive_int("fedbuff.init", "num_sites", num_sites)
     speeds = check_speeds("fedbuff.init", speeds, num_sites)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.tree_util.tree_map(jnp.asarray, params))
-    m = config.buffer_size
-    client_states = {
-        "update": stack_sites(zeros, num_sites),
-        "version": jnp.zeros((num_sites,), jnp.int32),
-        "finish": jnp.zeros((num_sites,), jnp.float32),
-        "busy": jnp.zeros((num_sites,), bool),
-        "loss": jnp.zeros((num_sites,), jnp.float32),
-    }
-    algorithm_state = {
-        "clock": jnp.zeros((), jnp.float32),
-        "version": jnp.zeros((), jnp.int32),
-        "speeds": jnp.asarray(speeds, jnp.float32),
-        "slots": stack_sites(zeros, m),
-        "slot_site": jnp.zeros((m,), jnp.int32),
-        "slot_staleness": jnp.zeros((m,), jnp.int32),
-        "slot_weight": jnp.zeros((m,), jnp.float32),
-        "slot_loss": jnp.zeros((m,), jnp.float32),
-        "count": jnp.zeros((), jnp.int32),
-    }
+    m = config.static.buffer_size
+    client_states = FedBuffClientState(
+        update=kit.stack_sites(zeros, num_sites),
+        version=jnp.zeros((num_sites,), jnp.int32),
+        finish=jnp.zeros((num_sites,), jnp.float32),
+        busy=jnp.zeros((num_sites,), bool),
+        loss=jnp.zeros((num_sites,), jnp.float32))
+    server = FedBuffServerState(
+        clock=jnp.zeros((), jnp.float32),
+        version=jnp.zeros((), jnp.int32),
+        speeds=jnp.asarray(speeds, jnp.float32),
+        slots=kit.stack_sites(zeros, m),
+        slot_site=jnp.zeros((m,), jnp.int32),
+        slot_staleness=jnp.zeros((m,), jnp.int32),
+        slot_weight=jnp.zeros((m,), jnp.float32),
+        slot_loss=jnp.zeros((m,), jnp.float32),
+        count=jnp.zeros((), jnp.int32))
     aggregator_state = {
-        "uplink": () if config.uplink is None else config.uplink.init(params, num_sites),
-        "reducer": config.reducer.init(params, num_sites),
+        "uplink": () if uplink is None else uplink.init(params, num_sites),
+        "reducer": config.aggregator.init(params, num_sites),
     }
-    return new_server_state(
-        params, config.server_optimizer,
-        client_hparams=injected_hyperparams(config.client_optimizer.init(params)),
-        hparams=hparams, client_states=client_states, aggregator_state=aggregator_state,
-        algorithm_state=algorithm_state)
+    return kit.initial_state(config, params, hparams=hparams, client_states=client_states,
+                             aggregator_state=aggregator_state,
+                             algorithm_state=server)
 
   return make_algorithm("fedbuff", _fedbuff_round, config, loss_fn, init)
 
@@ -302,8 +345,8 @@ def synchronous_time(client_steps, speeds, cohort=None) -> np.ndarray:
 class _Carry(NamedTuple):
   params: Any
   opt_state: Any
-  cs: dict
-  alg: dict
+  cs: FedBuffClientState
+  alg: FedBuffServerState
   agg_state: dict
   event: jax.Array
   flushes: jax.Array
@@ -321,19 +364,17 @@ def _tree_nbytes(tree: Any) -> int:
                  for a in jax.tree_util.tree_leaves(tree)))
 
 
-def _fedbuff_round(config: FedBuffConfig, state, data, key):
+def _fedbuff_round(config: kit.KitConfig, state, data, key):
   num_sites = data.mask.shape[0]
-  m = config.buffer_size
+  m = config.static.buffer_size
+  uplink = config.static.uplink
   check_num_sites("fedbuff", state.client_states, num_sites)
   n = data.num_examples
   active = n > 0
-  base_w = agg.client_weights(n, config.weighting)
-  check_batches_span_site(config.gradient, config.schedule.batch_size, data.mask.shape[1],
-                          "fedbuff")
-  grad_fn = config.gradient(config.loss_fn, state.hparams)
+  base_w = agg.client_weights(n, config.cohort.weighting)
+  ctx = kit.client_context(config, state)
   exponent = state.hparams["staleness_exponent"]
   jitter = state.hparams["jitter"]
-  speeds = state.algorithm_state["speeds"]
   context = agg.full_context(n)
   model_bytes = _tree_nbytes(state.params)
   restart_base = jax.random.fold_in(key, RESTART_STREAM)
@@ -343,43 +384,47 @@ def _fedbuff_round(config: FedBuffConfig, state, data, key):
                         lambda: jax.random.fold_in(restart_base, event))
 
   def train_all(w, ekey):
-    def client_update(x_k, y_k, mask_k, key_k):
-      opt_state = init_client_optimizer(config.client_optimizer, w, state.client_hparams)
-      local = local_training(grad_fn, config.client_optimizer, config.schedule, w,
-                             opt_state, x_k, y_k, mask_k, key_k)
-      delta = jax.tree_util.tree_map(jnp.subtract, w, local.params)
+    """Every site's job from w: the kit's client update, vmapped over the K sites."""
+    def job(x_k, y_k, mask_k, key_k):
+      result = config.client_update(ctx, w, (), kit.ClientData(x_k, y_k, mask_k), key_k)
       z = jax.random.normal(jax.random.fold_in(key_k, DURATION_STREAM))
-      return delta, local.num_steps, local.mean_loss, z
+      return result.update, result.values["num_steps"], result.values["mean_loss"], z
 
-    return jax.vmap(client_update)(data.x, data.y, data.mask,
-                                   client_keys(ekey, data.site_ids))
+    return jax.vmap(job)(data.x, data.y, data.mask, kit.client_keys(ekey, data.site_ids))
 
   def flush(c: _Carry, ekey) -> _Carry:
-    alg = c.alg
-    g = jnp.power(1.0 + alg["slot_staleness"].astype(jnp.float32), -exponent)
-    weights = alg["slot_weight"] * g
-    ctx = agg.AggregationContext(alg["slot_site"], num_sites, n[alg["slot_site"]])
-    red_key = jax.random.fold_in(jax.random.fold_in(server_key(ekey), 3), alg["version"])
-    delta, reducer_state, _ = config.reducer.aggregate(
-        alg["slots"], weights, c.agg_state["reducer"], red_key, ctx)
-    total = jnp.sum(alg["slot_weight"])
+    """Delta_bar = reducer(slots, p_i g(s_i)) * sum_i p_i g(s_i) / sum_i p_i; server step."""
+    buf = c.alg
+    g = jnp.power(1.0 + buf.slot_staleness.astype(jnp.float32), -exponent)
+    weights = buf.slot_weight * g
+    red_ctx = agg.AggregationContext(buf.slot_site, num_sites, n[buf.slot_site])
+    red_key = jax.random.fold_in(jax.random.fold_in(server_key(ekey), 3), buf.version)
+    delta, reducer_state, _ = config.aggregator.aggregate(
+        buf.slots, weights, c.agg_state["reducer"], red_key, red_ctx)
+    total = jnp.sum(buf.slot_weight)
     factor = jnp.where(total > 0, jnp.sum(weights) / jnp.where(total > 0, total, 1.0), 0.0)
     delta = jax.tree_util.tree_map(lambda d: d * factor.astype(d.dtype), delta)
-    params, opt_state = apply_server_optimizer(config.server_optimizer, c.params,
-                                               c.opt_state, delta)
+    # The buffer is the flush's cohort: its weights p_i, the reducer's p_i g(s_i).
+    # A flush always steps: its M updates come from sites holding data (p_i > 0).
+    # (A traced predicate here would add a select that changes XLA's fusion
+    # and the last bit of some results.)
+    server_ctx = kit.ServerContext(config, state.hparams, buf.slot_weight, weights,
+                                   buf.slot_site, num_sites, n, jnp.asarray(True), red_key)
+    result = config.server_update(
+        server_ctx, state._replace(params=c.params, server_opt_state=c.opt_state), delta, {})
     return c._replace(
-        params=params, opt_state=opt_state,
-        alg={**alg, "version": alg["version"] + 1, "count": jnp.zeros((), jnp.int32)},
+        params=result.params, opt_state=result.server_opt_state,
+        alg=buf._replace(version=buf.version + 1, count=jnp.zeros((), jnp.int32)),
         agg_state={**c.agg_state, "reducer": reducer_state}, flushes=c.flushes + 1,
-        last_staleness=alg["slot_staleness"], last_sites=alg["slot_site"],
-        last_loss=jnp.sum(agg.normalized(alg["slot_weight"]) * alg["slot_loss"]),
+        last_staleness=buf.slot_staleness, last_sites=buf.slot_site,
+        last_loss=jnp.sum(agg.normalized(buf.slot_weight) * buf.slot_loss),
         last_norm=tree_l2_norm(delta))
 
   def body(c: _Carry) -> _Carry:
     ekey = event_key(c.event)
 
     # A. Idle sites start a job from the current model.
-    idle = active & ~c.cs["busy"]
+    idle = active & ~c.cs.busy
 
     def start(c: _Carry) -> _Carry:
       if config.downlink is not None:
@@ -388,57 +433,57 @@ def _fedbuff_round(config: FedBuffConfig, state, data, key):
       else:
         w, down = c.params, jnp.int32(model_bytes)
       deltas, steps, losses, z = train_all(w, ekey)
-      duration = steps.astype(jnp.float32) / speeds * jnp.exp(jitter * z)
+      duration = steps.astype(jnp.float32) / c.alg.speeds * jnp.exp(jitter * z)
 
       def pick(new, old):
         return jnp.where(idle.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
 
       cs = c.cs
-      cs = {"update": jax.tree_util.tree_map(pick, deltas, cs["update"]),
-            "version": jnp.where(idle, c.alg["version"], cs["version"]),
-            "finish": jnp.where(idle, c.alg["clock"] + duration, cs["finish"]),
-            "busy": cs["busy"] | idle,
-            "loss": jnp.where(idle, losses, cs["loss"])}
+      cs = FedBuffClientState(
+          update=jax.tree_util.tree_map(pick, deltas, cs.update),
+          version=jnp.where(idle, c.alg.version, cs.version),
+          finish=jnp.where(idle, c.alg.clock + duration, cs.finish),
+          busy=cs.busy | idle,
+          loss=jnp.where(idle, losses, cs.loss))
       return c._replace(cs=cs, bytes_down=c.bytes_down + jnp.where(idle, down, 0))
 
     c = jax.lax.cond(jnp.any(idle), start, lambda c: c, c)
 
     # B. The next event: every site finishing at the earliest time t uploads.
-    busy = c.cs["busy"]
-    t = jnp.min(jnp.where(busy, c.cs["finish"], jnp.inf))
-    arriving = busy & (c.cs["finish"] == t)
-    if config.uplink is not None:
-      decoded, _, up_state, up_metrics = config.uplink.apply(
-          c.cs["update"], base_w * arriving.astype(jnp.float32), c.agg_state["uplink"],
+    busy = c.cs.busy
+    t = jnp.min(jnp.where(busy, c.cs.finish, jnp.inf))
+    arriving = busy & (c.cs.finish == t)
+    if uplink is not None:
+      decoded, _, up_state, up_metrics = uplink.apply(
+          c.cs.update, base_w * arriving.astype(jnp.float32), c.agg_state["uplink"],
           jax.random.fold_in(server_key(ekey), 2), context)
       up = up_metrics["bytes_up"]
       c = c._replace(agg_state={**c.agg_state, "uplink": up_state})
     else:
-      decoded = c.cs["update"]
+      decoded = c.cs.update
       up = jnp.where(arriving, jnp.int32(model_bytes), 0)
-    c = c._replace(alg={**c.alg, "clock": jnp.where(jnp.isfinite(t), t, c.alg["clock"])},
+    c = c._replace(alg=c.alg._replace(clock=jnp.where(jnp.isfinite(t), t, c.alg.clock)),
                    bytes_up=c.bytes_up + up)
 
     def visit(k, c: _Carry) -> _Carry:
       def insert(c: _Carry) -> _Carry:
-        alg = c.alg
-        slot = alg["count"]
-        alg = {**alg,
-               "slots": jax.tree_util.tree_map(lambda s, u: s.at[slot].set(u[k]),
-                                               alg["slots"], decoded),
-               "slot_site": alg["slot_site"].at[slot].set(k),
-               "slot_staleness": alg["slot_staleness"].at[slot].set(
-                   alg["version"] - c.cs["version"][k]),
-               "slot_weight": alg["slot_weight"].at[slot].set(base_w[k]),
-               "slot_loss": alg["slot_loss"].at[slot].set(c.cs["loss"][k]),
-               "count": slot + 1}
-        c = c._replace(alg=alg, arrivals=c.arrivals.at[k].add(1))
-        return jax.lax.cond(alg["count"] == m, lambda c: flush(c, ekey), lambda c: c, c)
+        buf = c.alg
+        slot = buf.count
+        buf = buf._replace(
+            slots=jax.tree_util.tree_map(lambda s, u: s.at[slot].set(u[k]), buf.slots,
+                                         decoded),
+            slot_site=buf.slot_site.at[slot].set(k),
+            slot_staleness=buf.slot_staleness.at[slot].set(buf.version - c.cs.version[k]),
+            slot_weight=buf.slot_weight.at[slot].set(base_w[k]),
+            slot_loss=buf.slot_loss.at[slot].set(c.cs.loss[k]),
+            count=slot + 1)
+        c = c._replace(alg=buf, arrivals=c.arrivals.at[k].add(1))
+        return jax.lax.cond(buf.count == m, lambda c: flush(c, ekey), lambda c: c, c)
 
       return jax.lax.cond(arriving[k], insert, lambda c: c, c)
 
     c = jax.lax.fori_loop(0, num_sites, visit, c)
-    return c._replace(cs={**c.cs, "busy": c.cs["busy"] & ~arriving}, event=c.event + 1)
+    return c._replace(cs=c.cs._replace(busy=c.cs.busy & ~arriving), event=c.event + 1)
 
   def cond(c: _Carry):
     # At most M events reach a flush (each has >= 1 arrival); the bound only
@@ -458,8 +503,8 @@ def _fedbuff_round(config: FedBuffConfig, state, data, key):
   metrics = {
       "train_loss": c.last_loss,
       "update_norm": c.last_norm,
-      "sim_time": c.alg["clock"],
-      "version": c.alg["version"],
+      "sim_time": c.alg.clock,
+      "version": c.alg.version,
       "flushes": c.flushes,
       "events": c.event,
       "arrivals": c.arrivals,
@@ -479,5 +524,6 @@ def _fedbuff_round(config: FedBuffConfig, state, data, key):
   return new_state, metrics
 
 
-__all__ = ["fedbuff", "FedBuffConfig", "site_speeds", "synchronous_time", "check_speeds",
-           "RESTART_STREAM", "DURATION_STREAM"]
+__all__ = ["fedbuff", "FedBuffConfig", "FedBuffClientState", "FedBuffServerState",
+           "site_speeds", "synchronous_time", "check_speeds", "RESTART_STREAM",
+           "DURATION_STREAM"]

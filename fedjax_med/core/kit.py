@@ -20,7 +20,11 @@ checkpoints and the audit log working exactly as for the built-in algorithms,
 which are built with it (FedSGD, FedAvg, FedProx, FedNova, FedAdam/Yogi/
 Adagrad, fine-tuning, SCAFFOLD, Ditto, FedPer, local training, FedDyn, q-FFL;
 `fedjax_med/algorithms/`). Cyclic (sites in sequence) and FedBuff
-(asynchronous) have rounds of another shape and keep their own.
+(asynchronous) have rounds of another shape: they build their `KitConfig`
+with `make_config`, their state with `initial_state`, and run the kit's
+client (`client_context` + `local_training` / `fedavg_client_update`) and
+server (`apply_server_update` in a `ServerContext`) pieces inside a round
+loop of their own (`lax.scan` over visits, `lax.while_loop` over events).
 
 The pieces (all pure functions of arrays; shapes for one client):
 
@@ -425,6 +429,79 @@ def reject_fixed_options(name: str, options: dict, fixed: tuple) -> None:
                       " be set")
 
 
+# ----------------------------------------------------------------------------- rounds of another shape
+
+def make_config(name: str, loss_fn, *, client_update: Callable = fedavg_client_update,
+                server_update: Callable = apply_server_update,
+                client_weights: Callable | None = None, has_client_state: bool = False,
+                static: Any = None, client_optimizer: optax.GradientTransformation,
+                server_optimizer: optax.GradientTransformation = SGD_LR_1,
+                local_epochs: int | None = None, local_steps: int | None = None,
+                batch_size: int = 32, weighting: str = "num_examples",
+                aggregator: agg.Aggregator | None = None, shuffle: bool = True,
+                cohort_size: int | None = None, sampling: str = "uniform",
+                gradient_estimator: GradientEstimator | None = None, downlink=None,
+                client_chunk_size: int | None = None) -> tuple[KitConfig, GradientEstimator]:
+  """The validated `KitConfig` of an algorithm whose round has another shape.
+
+  For algorithms that use the kit's client and server pieces inside a round
+  loop of their own (Cyclic: a `lax.scan` over sites in sequence; FedBuff: a
+  `lax.while_loop` over asynchronous events), where `build_algorithm`'s
+  vmapped round does not fit. The options are checked as `build_algorithm`
+  checks them (same defaults, same messages); unknown options are the
+  caller's to reject (`fedjax_med.core.options.reject_unknown`).
+
+  Args:
+    name ... static: as `build_algorithm` (`has_client_state`: the state keeps
+      per-site client states with a leading K axis).
+    client_optimizer ... client_chunk_size: the common options, as for
+      `fedjax_med.algorithms.fedavg`.
+
+  Returns:
+    (config, estimator): the static `KitConfig` and the gradient estimator,
+    whose `hparams` belong in the state's traced `hparams` (`initial_state`).
+  """
+  pieces, estimator = check_common_options(
+      name, client_optimizer=client_optimizer, server_optimizer=server_optimizer,
+      local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
+      weighting=weighting, aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size,
+      sampling=sampling, gradient_estimator=gradient_estimator, downlink=downlink,
+      client_chunk_size=client_chunk_size)
+  for what, fn in (("client_update", client_update), ("server_update", server_update)):
+    if not callable(fn):
+      raise OptionError(f"{name}: {what} must be a function, got {type(fn).__name__}")
+  config = KitConfig(name=name, loss_fn=loss_fn, client_update=client_update,
+                     server_update=server_update, client_weights=client_weights,
+                     has_client_state=has_client_state, static=static, **pieces)
+  return config, estimator
+
+
+def initial_state(config: KitConfig, params: Any, *, hparams: dict | None = None,
+                  client_hparams: dict | None = None, client_states: Any = (),
+                  algorithm_state: Any = (), aggregator_state: Any = ()):
+  """A round-0 `ServerState` for `config`, as `build_algorithm`'s `init` makes it.
+
+  state.server_opt_state = server_optimizer.init(params); state.client_hparams
+  = the client optimizer's injected hyperparameters (`optax.inject_hyperparams`),
+  overridden by `client_hparams`; state.hparams = `hparams` (traced; include
+  the gradient estimator's `hparams`); the other fields as given (client
+  states with a leading K axis, e.g. from `stack_sites`).
+  """
+  return new_server_state(
+      params, config.server_optimizer,
+      client_hparams={**injected_hyperparams(config.client_optimizer.init(params)),
+                      **(client_hparams or {})},
+      hparams=dict(hparams or {}), client_states=client_states,
+      algorithm_state=algorithm_state, aggregator_state=aggregator_state)
+
+
+def client_context(config: KitConfig, state) -> ClientContext:
+  """The `ClientContext` clients see in a round from `state` (what `kit_round`
+  builds): its traced hparams and client hparams, algorithm state and round."""
+  return ClientContext(config, state.hparams, state.client_hparams, state.algorithm_state,
+                       state.round)
+
+
 _VALUE_METRICS = {"num_steps": "client_steps", "mean_loss": "client_train_loss"}
 
 
@@ -522,4 +599,5 @@ __all__ = ["ClientData", "ClientResult", "ServerResult", "ClientContext", "Serve
            "local_training", "site_loss", "pseudo_gradient", "fedavg_client_update",
            "apply_server_update", "normalized_weights", "check_common_options",
            "reject_fixed_options", "OptionError",
-           "build_algorithm", "kit_round", "cohort_positions"]
+           "build_algorithm", "kit_round", "cohort_positions", "make_config",
+           "initial_state", "client_context", "client_keys", "stack_sites"]
