@@ -77,23 +77,14 @@ def local_only(loss_fn, *, optimizer: optax.GradientTransformation,
   """
   reject_unknown("local_only", unknown_options, _OPTIONS)
   optimizer = check_optimizer("local_only", "optimizer", optimizer)
-  algo = kit.build_algorithm(
+  return kit.build_algorithm(
       "local_only", loss_fn, client_update=local_client_update,
       server_update=local_server_update,
       init_client_state=lambda params: {"params": params, "opt_state": optimizer.init(params)},
       personalize=lambda state, data, key: state.client_states["params"],
       client_optimizer=optimizer, server_optimizer=_NO_SERVER_OPTIMIZER,
       local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
-      shuffle=shuffle, client_chunk_size=client_chunk_size)
-  def round_fn(state, data, key):
-    state, metrics = algo.round(state, data, key)
-    return state, {name: metrics[name] for name in _METRICS}
-
-  def pure_round(state, data, key):
-    state, metrics = algo.pure_round(state, data, key)
-    return state, {name: metrics[name] for name in _METRICS}
-
-  return algo._replace(round=round_fn, pure_round=pure_round)
+      shuffle=shuffle, client_chunk_size=client_chunk_size, report_metrics=_METRICS)
 
 
 __all__ = ["local_only", "local_client_update", "local_server_update"]

@@ -187,6 +187,7 @@ class KitConfig:
   client_chunk_size: int | None = None
   has_client_state: bool = False
   static: Any = None       # the algorithm's own static options (hashable)
+  report_metrics: tuple | None = None   # the round metrics kept (None: all)
 
 
 # ----------------------------------------------------------------------------- client side
@@ -316,6 +317,7 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
                     init_server_state: Callable | None = None,
                     hparams: dict | None = None, personalize: Callable | None = None,
                     static: Any = None, client_hparams: dict | None = None,
+                    report_metrics: tuple[str, ...] | None = None,
                     prefixed_optimizers: dict | None = None,
                     client_optimizer: optax.GradientTransformation,
                     server_optimizer: optax.GradientTransformation = SGD_LR_1,
@@ -344,6 +346,9 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
       pieces as `ctx.hparams[name]`; settable with `set_hyperparams`.
     personalize: optional `(state, data, key) -> per-site params [K, ...]`.
     static: any hashable value the pieces read as `ctx.config.static`.
+    report_metrics: the names of the round metrics the round returns (None:
+      every metric; e.g. `local_only` keeps its per-site ones). A name the
+      round does not produce raises a ValueError naming it.
     client_hparams: initial traced client-optimizer hyperparameters
       (`state.client_hparams`), overriding the optimizer's injected values
       (e.g. SCAFFOLD's client learning rate on one shared optimizer object).
@@ -371,6 +376,7 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
   config = KitConfig(name=name, loss_fn=loss_fn, client_update=client_update,
                      server_update=server_update, client_weights=client_weights,
                      has_client_state=init_client_state is not None, static=static,
+                     report_metrics=None if report_metrics is None else tuple(report_metrics),
                      **pieces)
   traced = {**estimator.hparams, **(hparams or {})}
 
@@ -584,6 +590,12 @@ def kit_round(config: KitConfig, state, data, key):
                              algorithm_state=result.algorithm_state,
                              aggregator_state=aggregator_state,
                              client_states=new_client_states, round=state.round + 1)
+  if config.report_metrics is not None:
+    missing = sorted(set(config.report_metrics) - set(metrics))
+    if missing:
+      raise ValueError(f"{config.name}: report_metrics names {missing}, which the round does"
+                       f" not produce; it produces {sorted(metrics)}")
+    metrics = {name: metrics[name] for name in config.report_metrics}
   return new_state, metrics
 
 
