@@ -74,7 +74,7 @@ privacy.site_level.dp_fedavg = algorithms.dp_fedavg
 privacy.patient_level.dp_sgd_fedavg = algorithms.dp_sgd_fedavg
 del _old, _new, _name, _module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "core", "models", "losses", "metrics", "aggregators", "data", "privacy", "algorithms",

@@ -173,7 +173,9 @@ def smoke(tmp_path_factory):
 def test_smoke_writes_valid_records(smoke):
   out, stdout = smoke
   records = fm.report.load_records(os.path.join(out, "results.json"))
-  assert records and all(set(r) == set(fm.report.RECORD_FIELDS) for r in records)
+  assert records and all(
+      set(r) == set(fm.report.RECORD_FIELDS) | set(fm.report.PROVENANCE_FIELDS)
+      for r in records)
   assert {r["dataset"] for r in records} == {"breastmnist"}
   assert {r["strategy"] for r in records} == {"fedavg", "fedprox", "scaffold", "local",
                                               "pooled"}

@@ -29,7 +29,9 @@ def smoke_run(tmp_path_factory):
 def test_records_keep_the_schema_and_hold_costs(smoke_run):
   out, stdout = smoke_run
   records = fm.report.load_records(os.path.join(out, "results.json"))
-  assert records and all(set(r) == set(fm.report.RECORD_FIELDS) for r in records)
+  assert records and all(
+      set(r) == set(fm.report.RECORD_FIELDS) | set(fm.report.PROVENANCE_FIELDS)
+      for r in records)
   assert {r["dataset"] for r in records} == {"heart_disease", "tcga_brca"}
   assert {r["strategy"] for r in records} == {"fedavg", "sign_ef", "fedbuff"}
   run = {(r["dataset"], r["strategy"], r["metric"]): r["value"] for r in records

@@ -36,7 +36,9 @@ def smoke_run(tmp_path_factory):
 def test_writes_tidy_records(smoke_run):
   out, stdout = smoke_run
   records = fm.report.load_records(os.path.join(out, "results.json"))
-  assert records and all(set(r) == set(fm.report.RECORD_FIELDS) for r in records)
+  assert records and all(
+      set(r) == set(fm.report.RECORD_FIELDS) | set(fm.report.PROVENANCE_FIELDS)
+      for r in records)
   strategies = {r["strategy"] for r in records}
   # FedSGD and FedAvg under both standardisations, the matched pooled baseline, local.
   assert {"fedsgd_global", "fedavg_global", "fedsgd_site", "fedavg_site",

@@ -42,7 +42,9 @@ def smoke(tmp_path_factory):
 def test_records_cover_every_strategy_and_site(smoke):
   out, stdout = smoke
   records = fm.report.load_records(os.path.join(out, "results.json"))
-  assert all(set(r) == set(fm.report.RECORD_FIELDS) for r in records)
+  assert all(
+      set(r) == set(fm.report.RECORD_FIELDS) | set(fm.report.PROVENANCE_FIELDS)
+      for r in records)
   for dataset, k, metric in (("heart_disease", 4, "accuracy"), ("tcga_brca", 6, "c_index")):
     rs = [r for r in records if r["dataset"] == dataset]
     strategies = {r["strategy"] for r in rs}

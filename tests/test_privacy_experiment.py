@@ -30,7 +30,7 @@ def test_records_plot_and_epsilons(smoke_run):
   out, stdout = smoke_run
   records = fm.report.load_records(os.path.join(out, "results.json"))
   # every epsilon record says which neighbouring relation its epsilon is for
-  fields = set(fm.report.RECORD_FIELDS)
+  fields = set(fm.report.RECORD_FIELDS) | set(fm.report.PROVENANCE_FIELDS)
   assert records and all(
       set(r) == (fields | {"neighboring_relation"} if r["metric"] == "epsilon" else fields)
       for r in records)

@@ -147,7 +147,9 @@ def test_experiment_smoke(tmp_path):
   module = _load_script()
   assert module.main(["--smoke", "--no-progress", "--out", str(tmp_path)]) == 0
   records = fm.report.load_records(os.path.join(tmp_path, "results.json"))
-  assert all(set(r) == set(fm.report.RECORD_FIELDS) for r in records)
+  assert all(
+      set(r) == set(fm.report.RECORD_FIELDS) | set(fm.report.PROVENANCE_FIELDS)
+      for r in records)
   assert {r["strategy"] for r in records} == set(module.ORDER)
   by = {(r["strategy"], r["site"], r["metric"]): r["value"] for r in records}
   assert by[("patient_mean", "pooled", "mae")] == pytest.approx(2.96, abs=0.005)

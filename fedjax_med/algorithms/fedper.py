@@ -1,4 +1,5 @@
-"""FedPer (Arivazhagan, Aggarwal, Singh & Choudhary, 2019): shared body, personal head.
+"""FedPer (Arivazhagan, Aggarwal, Singh & Choudhary, 2019, arXiv:1912.00818): shared body,
+personal head.
 
 The model is split into base layers, learned with FedAvg across sites, and
 personal layers that never leave the site. Each participating site trains

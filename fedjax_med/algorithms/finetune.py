@@ -1,4 +1,5 @@
-"""FedAvg followed by local fine-tuning (FLamby's FedAvgFineTuning).
+"""FedAvg followed by local fine-tuning (FLamby's FedAvgFineTuning; Ogier du Terrail et al.,
+NeurIPS 2022 Datasets and Benchmarks).
 
 Federation trains one global model with FedAvg; afterwards every site
 fine-tunes a copy of it for `finetune_steps` local optimizer steps on its own

@@ -155,6 +155,8 @@ def patch_data(data: FederatedData, key: jax.Array, patches_per_image: int,
 
 @dataclasses.dataclass(frozen=True)
 class PatchSpec:
+  """Static patch options of `with_patches`: P patches of p x p per real image per
+  round, centres admissible where `y[..., valid_channel]` is non-zero (None: all)."""
   patches_per_image: int
   patch_size: int
   valid_channel: int | None = -1

@@ -65,6 +65,7 @@ def arrays_only(data: FederatedData) -> FederatedData:
 
 
 def server_key(round_key: jax.Array) -> jax.Array:
+  """The server's key of a round: fold_in(round_key, SERVER_STREAM), never a site's key."""
   return jax.random.fold_in(round_key, SERVER_STREAM)
 
 
@@ -139,6 +140,9 @@ def make_algorithm(name: str, impl: Callable, config: Any, loss_fn, init: Callab
 def new_server_state(params: Any, server_optimizer: optax.GradientTransformation,
                      client_hparams: dict, hparams: dict, client_states: Any = (),
                      aggregator_state: Any = (), algorithm_state: Any = ()) -> ServerState:
+  """The ServerState of round 0: `params` as arrays, the server optimizer's initial
+  state, the hyperparameters as float32 arrays (`canonical_hparams`, traced), and the
+  given client, aggregator and algorithm states."""
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return ServerState(
       params=params,

@@ -29,6 +29,7 @@ from fedjax_med.core.options import OptionError, check_positive_int
 
 
 def check_chunk_size(name: str, chunk_size: int | None) -> int | None:
+  """`client_chunk_size`: None (all clients in one vmap) or an integer >= 1."""
   if chunk_size is None:
     return None
   return check_positive_int(name, "client_chunk_size", chunk_size)

@@ -65,6 +65,9 @@ class CohortSpec:
 
 def make_cohort_spec(name: str, cohort_size: int | None, sampling: str,
                      weighting: str) -> CohortSpec:
+  """Checked static cohort options (OptionError on a bad one): `cohort_size` None
+  (every site) or >= 1, a known `sampling` and `weighting`, and
+  sampling="num_examples" only with weighting="num_examples"."""
   check_choice(name, "weighting", weighting, agg.WEIGHTINGS)
   check_choice(name, "sampling", sampling, SAMPLINGS)
   if cohort_size is not None:
@@ -77,6 +80,7 @@ def make_cohort_spec(name: str, cohort_size: int | None, sampling: str,
 
 
 class Cohort(NamedTuple):
+  """One round's participants: their positions, rows, client states and weights."""
   indices: jax.Array | None  # [C] positions in the K sites, None = all sites
   data: Any                  # FederatedData restricted to the cohort
   client_states: Any         # client states of the cohort ([C, ...] leaves)

@@ -134,6 +134,7 @@ def epoch_permutation(key: jax.Array, mask: jax.Array, shuffle: bool = True) -> 
 
 
 class LocalResult(NamedTuple):
+  """What one client's local training returns (`local_training`)."""
   params: Any          # the client's parameters after local training
   opt_state: Any       # the client optimizer's final state
   num_steps: jax.Array  # int32 (): steps actually taken

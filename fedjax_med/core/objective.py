@@ -33,6 +33,7 @@ def batch_loss(fn: LossFn) -> LossFn:
 
 
 def is_batch_loss(fn: LossFn) -> bool:
+  """Whether `fn` was marked by `batch_loss` (receives the row mask, returns a scalar)."""
   return bool(getattr(fn, _BATCH_LOSS_ATTR, False))
 
 

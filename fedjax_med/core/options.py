@@ -27,6 +27,7 @@ def reject_unknown(name: str, unknown: Mapping[str, Any], known: Iterable[str]) 
 
 
 def check_choice(name: str, field: str, value: Any, choices: Iterable[str]) -> str:
+  """Returns `value` if it is one of `choices`; else OptionError naming `name` and `field`."""
   choices = tuple(choices)
   if value not in choices:
     raise OptionError(f"{name}: unknown {field} {value!r}; expected one of {choices}")
@@ -34,12 +35,14 @@ def check_choice(name: str, field: str, value: Any, choices: Iterable[str]) -> s
 
 
 def check_positive_int(name: str, field: str, value: Any) -> int:
+  """`value` as an int if it is an integer >= 1 (bool refused); else OptionError."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
     raise OptionError(f"{name}: {field} must be an integer >= 1, got {value!r}")
   return int(value)
 
 
 def check_nonnegative_float(name: str, field: str, value: Any) -> float:
+  """`value` as a float if it is a finite number >= 0; else OptionError."""
   try:
     v = float(value)
   except (TypeError, ValueError):
@@ -50,6 +53,7 @@ def check_nonnegative_float(name: str, field: str, value: Any) -> float:
 
 
 def check_optimizer(name: str, field: str, value: Any) -> Any:
+  """Returns `value` if it has `init` and `update` (an optax transformation); else OptionError."""
   if not (hasattr(value, "init") and hasattr(value, "update")):
     raise OptionError(
         f"{name}: {field} must be an optax GradientTransformation (e.g."

@@ -329,7 +329,7 @@ def client_children(num_sites: int = 5, seed: int = 0) -> tuple[tuple[int, ...],
 @renamed_keyword("num_clients", "num_sites")
 def site_image_ids(num_sites: int = 5, seed: int = 0
                    ) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]]:
-  """Image ids of every row: (train [K][n_k], test [4][2]), as `chase_db1` orders them.
+  """Image ids of every row: (train `[K][n_k]`, test `[4][2]`), as `chase_db1` orders them.
 
   `num_clients=` is the deprecated earlier name of `num_sites=`.
   """

@@ -109,6 +109,7 @@ def check_delta(name: str, delta: Any) -> float:
 
 
 def check_noise_multiplier(name: str, value: Any) -> float:
+  """The noise multiplier sigma as a float; it must be a finite number >= 0."""
   try:
     v = float(value)
   except (TypeError, ValueError):
@@ -119,6 +120,7 @@ def check_noise_multiplier(name: str, value: Any) -> float:
 
 
 def check_clip_norm(name: str, value: Any) -> float:
+  """The clipping norm C as a float; it must be a finite number > 0."""
   try:
     v = float(value)
   except (TypeError, ValueError):
@@ -129,6 +131,7 @@ def check_clip_norm(name: str, value: Any) -> float:
 
 
 def check_rate(name: str, field: str, value: Any) -> float:
+  """A sampling rate as a float; it must lie in (0, 1]."""
   try:
     v = float(value)
   except (TypeError, ValueError):

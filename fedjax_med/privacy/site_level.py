@@ -144,7 +144,7 @@ def gaussian_sum_mean(noise_multiplier: float, clip_norm: float,
 
 def site_level_dp(clip_norm: float, noise_multiplier: float, *, expected_sites: float,
                   sampling_rate: float | None = None, pre: tuple = ()) -> Aggregator:
-  """The DP-FedAvg aggregation chain: [sampling ->] [pre ->] clip -> noisy sum / W.
+  """The DP-FedAvg aggregation chain: `[sampling ->] [pre ->] clip -> noisy sum / W`.
 
   Args:
     clip_norm: C > 0.

@@ -96,6 +96,7 @@ def tree_sha256(tree: Any) -> str:
 
 
 def canonical_json(obj: Any) -> str:
+  """The one JSON text of `obj` that is hashed: sorted keys, no spaces, NaN refused."""
   return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 

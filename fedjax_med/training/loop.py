@@ -25,6 +25,7 @@ from fedjax_med.core.state import ServerState
 
 
 def round_key(run_key: jax.Array, round_index: int) -> jax.Array:
+  """The key of round `round_index` (0-based): fold_in(run_key, round_index)."""
   return jax.random.fold_in(run_key, round_index)
 
 

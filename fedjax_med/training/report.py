@@ -5,7 +5,13 @@ Every experiment writes a list of records
     {"dataset", "strategy", "seed", "site", "split", "metric", "value"}
 
 with `site` one of the site names, "mean" (unweighted mean over sites, as
-FLamby reports) or "pooled" (all rows together).
+FLamby reports) or "pooled" (all rows together). `save_records` adds to every
+record it writes where the number came from (PROVENANCE_FIELDS, `provenance()`):
+
+    {"fedjax_med_version", "jax_version", "jaxlib_version", "git_commit"}
+
+Files written before version 0.2 lack those fields; `load_records` and the
+tables read them all the same.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from collections import defaultdict
 from typing import Any, Iterable, Sequence
 
@@ -22,7 +30,71 @@ RECORD_FIELDS = ("dataset", "strategy", "seed", "site", "split", "metric", "valu
 # Fields a record may carry beside RECORD_FIELDS: the neighbouring relation of an
 # epsilon record ("add_or_remove_one" / "replace_one"), without which an epsilon
 # has no meaning.
-OPTIONAL_FIELDS = ("neighboring_relation",)
+# Where a record came from, added by `save_records` (see `provenance`); optional,
+# so that files written before version 0.2 still load.
+PROVENANCE_FIELDS = ("fedjax_med_version", "jax_version", "jaxlib_version", "git_commit")
+OPTIONAL_FIELDS = ("neighboring_relation",) + PROVENANCE_FIELDS
+
+
+def _git_commit(package_dir: str) -> str | None:
+  """HEAD of the git checkout that holds `package_dir`, "-dirty" when its work
+  tree has changes; None when that folder's parent is not the top of a git
+  work tree (e.g. an installed wheel inside some other repository) or git
+  fails. Never raises."""
+  root = os.path.dirname(os.path.abspath(package_dir))
+  env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+
+  def git(*args):
+    out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                         timeout=30, env=env, stdin=subprocess.DEVNULL)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+  try:
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or os.path.realpath(top) != os.path.realpath(root):
+      return None
+    head = git("rev-parse", "--verify", "HEAD")
+    if not head:
+      return None
+    status = git("status", "--porcelain")
+    # A status git cannot give counts as changed: the work tree may differ from HEAD.
+    return head if status == "" else head + "-dirty"
+  except (OSError, subprocess.SubprocessError, ValueError):
+    return None
+
+
+def provenance() -> dict[str, str | None]:
+  """Where results come from: the code and library versions, and the commit.
+
+  Returns:
+    {"fedjax_med_version": fedjax_med.__version__ (the imported package's own,
+                            not pip's metadata, which an editable install can
+                            leave stale),
+     "jax_version":        jax.__version__,
+     "jaxlib_version":     jaxlib.__version__,
+     "git_commit":         `git rev-parse HEAD` of the checkout fedjax_med is
+                            imported from (the folder above the package), with
+                            "-dirty" appended when `git status --porcelain`
+                            lists any change (untracked files included); None
+                            when it is not imported from a git checkout or git
+                            is missing}
+  Never raises: a value it cannot find is None.
+  """
+  package = sys.modules.get((__package__ or "fedjax_med").split(".")[0])
+  out = {"fedjax_med_version": getattr(package, "__version__", None)}
+  try:
+    import jax
+    out["jax_version"] = jax.__version__
+  except ImportError:
+    out["jax_version"] = None
+  try:
+    import jaxlib
+    out["jaxlib_version"] = getattr(jaxlib, "__version__", None)
+  except ImportError:
+    out["jaxlib_version"] = None
+  package_file = getattr(package, "__file__", None)
+  out["git_commit"] = _git_commit(os.path.dirname(package_file)) if package_file else None
+  return out
 
 
 def records_from_report(dataset: str, strategy: str, seed: int, split: str,
@@ -40,7 +112,14 @@ def records_from_report(dataset: str, strategy: str, seed: int, split: str,
 
 def save_records(records: Sequence[dict[str, Any]], out_dir: str,
                  filename: str = "results.json") -> str:
-  """Writes records as a JSON list; returns the path."""
+  """Writes records as a JSON list, each with its provenance; returns the path.
+
+  Every record needs RECORD_FIELDS and may carry OPTIONAL_FIELDS (an epsilon
+  record needs its "neighboring_relation"). The written records also carry
+  PROVENANCE_FIELDS from `provenance()`, computed once per call; a record that
+  already has a provenance field keeps its own value (records merged from an
+  earlier run stay attributed to it). The caller's records are not changed.
+  """
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, filename)
   for r in records:
@@ -53,12 +132,15 @@ def save_records(records: Sequence[dict[str, Any]], out_dir: str,
     if r["metric"] == "epsilon" and "neighboring_relation" not in r:
       raise ValueError(f"save_records: epsilon record {r} has no neighboring_relation;"
                        " an epsilon means nothing without it")
+  stamp = provenance()
+  records = [{**r, **{k: v for k, v in stamp.items() if k not in r}} for r in records]
   with open(path, "w") as f:
-    json.dump(list(records), f, indent=1)
+    json.dump(records, f, indent=1)
   return path
 
 
 def load_records(path: str) -> list[dict[str, Any]]:
+  """The records of a results.json, as written (with or without provenance fields)."""
   with open(path) as f:
     return json.load(f)
 
@@ -100,8 +182,8 @@ def summary_table(records: Iterable[dict[str, Any]], metric: str, split: str = "
   return "\n".join(lines)
 
 
-__all__ = ["RECORD_FIELDS", "OPTIONAL_FIELDS", "records_from_report", "save_records", "load_records",
-           "summary_table"]
+__all__ = ["RECORD_FIELDS", "OPTIONAL_FIELDS", "PROVENANCE_FIELDS", "provenance",
+           "records_from_report", "save_records", "load_records", "summary_table"]
 
 
 # ---------------------------------------------------------------------------
@@ -122,7 +204,8 @@ __all__ = ["RECORD_FIELDS", "OPTIONAL_FIELDS", "records_from_report", "save_reco
 # Per-round series go to a sibling history.json: a list of the same records
 # plus a "round" field (HISTORY_FIELDS), e.g. the test metric at site "mean"
 # after each round, and the cumulative cost series (bytes_total, sim_time,
-# wall_time_s at site "all"). results.json keeps exactly RECORD_FIELDS.
+# wall_time_s at site "all"). results.json keeps RECORD_FIELDS, plus
+# PROVENANCE_FIELDS (and "neighboring_relation" on epsilon records).
 # `load_history` also reads the older {strategy: {seed: [train loss per
 # round]}} history files of experiments/heart_disease.py.
 # ---------------------------------------------------------------------------
@@ -542,6 +625,7 @@ def write_report(results_path: str, out_dir: str | None = None,
 
 
 def main(argv=None) -> int:
+  """`python -m fedjax_med.training.report results.json`: prints the table, writes the figures."""
   import argparse
   parser = argparse.ArgumentParser(
       description="Table and figures of an experiment's results.json")

@@ -64,6 +64,8 @@ def _check_int32(name: str, value: int) -> int:
 
 
 def payload_metric_name(path) -> str:
+  """Metric name of a payload leaf at pytree `path`: "payload" + its key path,
+  e.g. "payload['values']" (`uplink(record_payloads=True)`)."""
   return "payload" + jax.tree_util.keystr(path)
 
 
