@@ -28,6 +28,7 @@ from fedjax_med.core import kit
 from fedjax_med.core import server_optimizers as optimizers
 from fedjax_med.core.aggregation import Aggregator, ClientTransform, client_weights
 from fedjax_med.core.algorithm import FederatedAlgorithm
+from fedjax_med.core.conv import convs_as_matmuls, keep_native_convs
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.local import LocalSchedule, epoch_permutation
 from fedjax_med.core.objective import (batch_loss, masked_mean_loss, site_objectives,
@@ -83,7 +84,8 @@ __all__ = [
     "evaluation_tasks", "optimizers", "partition",
     "kit", "report", "robust", "segmentation", "sharding",
     "aggregators", "Aggregator", "ClientTransform", "client_weights",
-    "FederatedAlgorithm", "FederatedData", "LocalSchedule", "epoch_permutation",
+    "FederatedAlgorithm", "FederatedData", "convs_as_matmuls", "keep_native_convs",
+    "LocalSchedule", "epoch_permutation",
     "batch_loss", "masked_mean_loss", "site_objectives", "site_weights",
     "weighted_objective", "OptionError", "ServerState", "set_hyperparams", "run_rounds",
     "run_seeds", "stack_states",

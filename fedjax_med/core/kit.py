@@ -76,6 +76,7 @@ import optax
 
 from fedjax_med.core import aggregation as agg
 from fedjax_med.core import chunking
+from fedjax_med.core import conv as conv_lib
 from fedjax_med.core import cohort as cohort_lib
 from fedjax_med.core.algorithm import (FederatedAlgorithm, apply_server_optimizer,
                                        make_algorithm, new_server_state, server_key,
@@ -373,7 +374,8 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
   for what, fn in (("client_update", client_update), ("server_update", server_update)):
     if not callable(fn):
       raise OptionError(f"{name}: {what} must be a function, got {type(fn).__name__}")
-  config = KitConfig(name=name, loss_fn=loss_fn, client_update=client_update,
+  config = KitConfig(name=name, loss_fn=conv_lib.round_loss(loss_fn),
+                     client_update=client_update,
                      server_update=server_update, client_weights=client_weights,
                      has_client_state=init_client_state is not None, static=static,
                      report_metrics=None if report_metrics is None else tuple(report_metrics),
@@ -476,7 +478,8 @@ def make_config(name: str, loss_fn, *, client_update: Callable = fedavg_client_u
   for what, fn in (("client_update", client_update), ("server_update", server_update)):
     if not callable(fn):
       raise OptionError(f"{name}: {what} must be a function, got {type(fn).__name__}")
-  config = KitConfig(name=name, loss_fn=loss_fn, client_update=client_update,
+  config = KitConfig(name=name, loss_fn=conv_lib.round_loss(loss_fn),
+                     client_update=client_update,
                      server_update=server_update, client_weights=client_weights,
                      has_client_state=has_client_state, static=static, **pieces)
   return config, estimator
