@@ -214,6 +214,16 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 _COMPILED: dict = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_this_files_programs():
+  """Drops this file's own executables and algorithm objects after it (conftest's
+  `_release_compiled_programs` explains why)."""
+  yield
+  _COMPILED.clear()
+  for cached in (build, loss_of, loss_algorithm):
+    cached.cache_clear()
+
+
 def call_compiled(tag, fn, *args):
   """`jax.jit(fn)(*args)`, compiled once per (tag, argument structure and avals)."""
   args = tuple(strip_names(a) for a in args)
