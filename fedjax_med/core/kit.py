@@ -365,21 +365,14 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
     FederatedAlgorithm: `init(params, num_sites=None)`, `round`, `pure_round`.
   """
   reject_unknown(name, unknown_options, COMMON_OPTIONS)
-  pieces, estimator = check_common_options(
-      name, client_optimizer=client_optimizer, server_optimizer=server_optimizer,
-      local_epochs=local_epochs, local_steps=local_steps, batch_size=batch_size,
-      weighting=weighting, aggregator=aggregator, shuffle=shuffle, cohort_size=cohort_size,
-      sampling=sampling, gradient_estimator=gradient_estimator, downlink=downlink,
-      client_chunk_size=client_chunk_size)
-  for what, fn in (("client_update", client_update), ("server_update", server_update)):
-    if not callable(fn):
-      raise OptionError(f"{name}: {what} must be a function, got {type(fn).__name__}")
-  config = KitConfig(name=name, loss_fn=conv_lib.round_loss(loss_fn),
-                     client_update=client_update,
-                     server_update=server_update, client_weights=client_weights,
-                     has_client_state=init_client_state is not None, static=static,
-                     report_metrics=None if report_metrics is None else tuple(report_metrics),
-                     **pieces)
+  config, estimator = make_config(
+      name, loss_fn, client_update=client_update, server_update=server_update,
+      client_weights=client_weights, has_client_state=init_client_state is not None,
+      static=static, report_metrics=report_metrics, client_optimizer=client_optimizer,
+      server_optimizer=server_optimizer, local_epochs=local_epochs, local_steps=local_steps,
+      batch_size=batch_size, weighting=weighting, aggregator=aggregator, shuffle=shuffle,
+      cohort_size=cohort_size, sampling=sampling, gradient_estimator=gradient_estimator,
+      downlink=downlink, client_chunk_size=client_chunk_size)
   traced = {**estimator.hparams, **(hparams or {})}
 
   def init(params, num_sites: int | None = None):
@@ -393,13 +386,10 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
     algorithm_state = init_server_state(params) if init_server_state is not None else ()
     second = {name: value for prefix, optimizer in (prefixed_optimizers or {}).items()
               for name, value in optimizer_hparams(prefix, optimizer, params).items()}
-    return new_server_state(
-        params, config.server_optimizer,
-        client_hparams={**injected_hyperparams(config.client_optimizer.init(params)),
-                        **(client_hparams or {})},
-        hparams={**traced, **second}, client_states=client_states,
-        algorithm_state=algorithm_state,
-        aggregator_state=config.aggregator.init(params, num_sites))
+    return initial_state(config, params, hparams={**traced, **second},
+                         client_hparams=client_hparams, client_states=client_states,
+                         algorithm_state=algorithm_state,
+                         aggregator_state=config.aggregator.init(params, num_sites))
 
   return make_algorithm(name, kit_round, config, loss_fn, init, personalize)
 
@@ -442,7 +432,8 @@ def reject_fixed_options(name: str, options: dict, fixed: tuple) -> None:
 def make_config(name: str, loss_fn, *, client_update: Callable = fedavg_client_update,
                 server_update: Callable = apply_server_update,
                 client_weights: Callable | None = None, has_client_state: bool = False,
-                static: Any = None, client_optimizer: optax.GradientTransformation,
+                static: Any = None, report_metrics: tuple[str, ...] | None = None,
+                client_optimizer: optax.GradientTransformation,
                 server_optimizer: optax.GradientTransformation = SGD_LR_1,
                 local_epochs: int | None = None, local_steps: int | None = None,
                 batch_size: int = 32, weighting: str = "num_examples",
@@ -460,8 +451,8 @@ def make_config(name: str, loss_fn, *, client_update: Callable = fedavg_client_u
   caller's to reject (`fedjax_med.core.options.reject_unknown`).
 
   Args:
-    name ... static: as `build_algorithm` (`has_client_state`: the state keeps
-      per-site client states with a leading K axis).
+    name ... static, report_metrics: as `build_algorithm` (`has_client_state`: the
+      state keeps per-site client states with a leading K axis).
     client_optimizer ... client_chunk_size: the common options, as for
       `fedjax_med.algorithms.fedavg`.
 
@@ -481,7 +472,9 @@ def make_config(name: str, loss_fn, *, client_update: Callable = fedavg_client_u
   config = KitConfig(name=name, loss_fn=conv_lib.round_loss(loss_fn),
                      client_update=client_update,
                      server_update=server_update, client_weights=client_weights,
-                     has_client_state=has_client_state, static=static, **pieces)
+                     has_client_state=has_client_state, static=static,
+                     report_metrics=None if report_metrics is None else tuple(report_metrics),
+                     **pieces)
   return config, estimator
 
 
