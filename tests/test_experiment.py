@@ -115,3 +115,47 @@ def test_one_run_loop_checkpoints_resumes_and_audits(tmp_path):
   with pytest.raises(ValueError, match="first_round must be 0"):
     fm.run_rounds(algo, algo.init(init_params()), data, 5, key, progress=False,
                   checkpoint_dir=tmp_path / "ckpt", first_round=1)
+
+
+def test_run_rounds_donation_and_log_every_change_nothing(data):
+  """Donated state buffers and periodic metric fetches are bookkeeping: the rounds
+  are the same computation, so the results must be bit-identical to a plain loop of
+  `algo.round` (the reference: rounds called one by one, nothing donated or fetched)."""
+  algo = fm.algorithms.fedavg(bce_loss, client_optimizer=optax.sgd(0.2), batch_size=2,
+                              cohort_size=2, server_optimizer=optax.adam(0.05))
+  key = jax.random.PRNGKey(3)
+  state0 = algo.init(init_params(seed=4))
+  want, want_hist = state0, []
+  for r in range(5):
+    want, metrics = algo.round(want, data, jax.random.fold_in(key, r))
+    want_hist.append(jax.device_get(metrics))
+  runs = [({}, None),                                     # no callback: donated
+           ({"donate_state": True, "log_every": 2}, []),   # donated despite a callback
+           ({"log_every": 1}, []),                          # a callback: not donated
+           ({"donate_state": False, "log_every": 5}, None)]
+  for kwargs, kept in runs:
+    callback = None if kept is None else (lambda r, s, m, kept=kept: kept.append(s.params["w"]))
+    state, hist = fm.run_rounds(algo, state0, data, 5, key, progress=False, callback=callback,
+                                **kwargs)
+    for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(state)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for name in hist:
+      np.testing.assert_array_equal(hist[name], np.stack([h[name] for h in want_hist]))
+  # The caller's state is never donated: it is still readable after the runs.
+  np.testing.assert_array_equal(np.asarray(state0.params["w"]),
+                                np.asarray(init_params(seed=4)["w"]))
+  # With donation the states a callback kept are deleted by the next round (documented);
+  # by default a callback's states stay readable.
+  donated, kept = runs[1][1], runs[2][1]
+  assert all(w.is_deleted() for w in donated[:-1]) and not donated[-1].is_deleted()
+  assert not any(w.is_deleted() for w in kept)
+
+
+def test_run_rounds_rejects_bad_logging_options(data):
+  algo = fm.algorithms.fedavg(bce_loss, client_optimizer=optax.sgd(0.2), batch_size=2)
+  state = algo.init(init_params())
+  with pytest.raises(fm.OptionError, match="log_every"):
+    fm.run_rounds(algo, state, data, 2, jax.random.PRNGKey(0), log_every=0, progress=False)
+  with pytest.raises(fm.OptionError, match="donate_state must be None, True or False"):
+    fm.run_rounds(algo, state, data, 2, jax.random.PRNGKey(0), donate_state="yes",
+                  progress=False)

@@ -56,6 +56,10 @@ def _call_impl(impl, config, state, data, key):
 
 
 _jitted_round = jax.jit(_call_impl, static_argnums=(0, 1))
+# The same round with the state's buffers donated: XLA may write the new state
+# into the old one's memory (no second copy of the model, optimizer moments and
+# per-client states on an accelerator). The state passed in is deleted.
+_jitted_round_donating = jax.jit(_call_impl, static_argnums=(0, 1), donate_argnums=(2,))
 
 
 def arrays_only(data: FederatedData) -> FederatedData:
@@ -114,15 +118,24 @@ def check_round_inputs(name: str, loss_fn, state: Any, data: Any) -> None:
 def make_round(name: str, impl: Callable, config: Any, loss_fn) -> Callable:
   """The public `round(state, data, key)` for a jit-compiled `impl`."""
 
-  def round_fn(state: ServerState, data: FederatedData, key: jax.Array):
+  def checked(state, data):
     check_round_inputs(name, loss_fn, state, data)
-    state = state._replace(hparams=canonical_hparams(state.hparams),
-                           client_hparams=canonical_hparams(state.client_hparams))
-    return _jitted_round(impl, config, state, arrays_only(data), key)
+    return state._replace(hparams=canonical_hparams(state.hparams),
+                          client_hparams=canonical_hparams(state.client_hparams))
+
+  def round_fn(state: ServerState, data: FederatedData, key: jax.Array):
+    return _jitted_round(impl, config, checked(state, data), arrays_only(data), key)
+
+  def donating_round(state: ServerState, data: FederatedData, key: jax.Array):
+    return _jitted_round_donating(impl, config, checked(state, data), arrays_only(data), key)
 
   round_fn.__name__ = f"{name}_round"
   round_fn.__doc__ = (f"One {name} round: (state, FederatedData, key) -> (state, metrics);"
                       " one jit-compiled call.")
+  donating_round.__name__ = f"{name}_round_donating"
+  donating_round.__doc__ = (f"{round_fn.__doc__} The state's buffers are donated to the"
+                            " new state: the state passed in is deleted.")
+  round_fn.donating = donating_round
   return round_fn
 
 

@@ -310,17 +310,19 @@ class AuditLog:
     With `checkpoint_dir`, the state before round r is saved when round r-1
     is logged (and the initial state now), so every line has its checkpoint.
     """
-    last = {"state": initial_state}
+    # The previous round's params are kept as a host copy: `fm.run_rounds` may donate
+    # the state's device buffers to the next round.
+    last = {"params": jax.device_get(initial_state.params)}
     if self.checkpoint_dir is not None:
       last["sha"] = save_checkpoint(initial_state, self.checkpoint_path(run, 0))
 
     def callback(round_index: int, state: Any, metrics: dict) -> None:
       self.record_round(run=run, round_index=round_index, algorithm=algorithm,
                         hyperparameters=hyperparameters,
-                        params_before=last["state"].params, params_after=state.params,
+                        params_before=last["params"], params_after=state.params,
                         metrics=metrics, site_names=site_names,
                         checkpoint_sha256=last.get("sha"))
-      last["state"] = state
+      last["params"] = jax.device_get(state.params)
       if self.checkpoint_dir is not None:
         last["sha"] = save_checkpoint(state, self.checkpoint_path(run, round_index + 1))
 

@@ -35,6 +35,7 @@ def run_rounds(algo: FederatedAlgorithm, state: ServerState, data: FederatedData
                callback: Callable[[int, ServerState, dict], None] | None = None,
                checkpoint_dir=None, checkpoint_every: int = 1,
                max_to_keep: int | None = 3, audit=None, audit_run: str | None = None,
+               log_every: int | None = None, donate_state: bool | None = None,
                ) -> tuple[ServerState, dict[str, np.ndarray]]:
   """Runs rounds of `algo` from `state`: the one run loop of fedjax_med.
 
@@ -56,6 +57,23 @@ def run_rounds(algo: FederatedAlgorithm, state: ServerState, data: FederatedData
     audit: an `fedjax_med.training.audit.AuditLog` that logs every round (hash chain of
       the model, the aggregate and each site's update), as `audit_run` (default
       the algorithm's name), with the state's traced hyperparameters.
+    log_every: every `log_every` rounds (and after the last) fetch the metrics of
+      the rounds since the last fetch to the host in one transfer and show the
+      latest round's scalar metrics on the progress bar. None (default): no
+      transfer at all until the run ends. Nothing else in the loop waits for
+      the device, so rounds are queued back to back on an accelerator (unless
+      `callback`, `audit` or checkpoints read the state).
+    donate_state: run each round with the state's buffers donated to the new
+      state (`jax.jit(..., donate_argnums=...)`), so an accelerator holds one
+      copy of the model, optimizer and per-client states rather than two. The
+      `state` you pass is copied once first and stays valid. None (default):
+      donate unless a `callback` is given (a callback may keep the states it
+      receives); True: donate anyway (the state a `callback` receives is then
+      deleted by the next round: copy what you keep, e.g.
+      `jax.device_get(state)`); False: never. Never with `checkpoint_dir` (orbax
+      writes the state in the background) nor for an algorithm whose round has
+      no donating variant (a hand-written round).
+      Results are bit-identical either way.
 
   Returns:
     (final state, history) where history maps each metric name to an array
@@ -63,6 +81,13 @@ def run_rounds(algo: FederatedAlgorithm, state: ServerState, data: FederatedData
   """
   check_positive_int("run_rounds", "num_rounds", num_rounds)
   check_positive_int("run_rounds", "checkpoint_every", checkpoint_every)
+  if log_every is not None:
+    check_positive_int("run_rounds", "log_every", log_every)
+  if donate_state not in (None, True, False):
+    raise OptionError("run_rounds: donate_state must be None, True or False, got"
+                      f" {donate_state!r}")
+  if donate_state is None:
+    donate_state = callback is None
   history, start, end, manager = [], first_round, first_round + num_rounds, None
   if checkpoint_dir is not None:
     if first_round != 0:
@@ -78,12 +103,21 @@ def run_rounds(algo: FederatedAlgorithm, state: ServerState, data: FederatedData
         run=audit_run or algo.name, algorithm=algo.name,
         hyperparameters=_hyperparameters(state), initial_state=state,
         site_names=getattr(data, "names", None)))
+  round_fn = algo.round
+  if donate_state and manager is None and getattr(algo.round, "donating", None) is not None:
+    round_fn = algo.round.donating
+    state = jax.tree_util.tree_map(_copy_array, state)  # the caller's state stays valid
+  fetched = 0                     # history[:fetched] is on the host
   try:
     bar = tqdm(range(start, end), desc=desc or algo.name, disable=not progress, leave=False,
                dynamic_ncols=True)
     for r in bar:
-      state, metrics = algo.round(state, data, round_key(run_key, r))
+      state, metrics = round_fn(state, data, round_key(run_key, r))
       history.append(metrics)     # stays on device: rounds are dispatched without a sync
+      if log_every is not None and ((r + 1 - start) % log_every == 0 or r + 1 == end):
+        history[fetched:] = jax.device_get(history[fetched:])
+        fetched = len(history)
+        bar.set_postfix(_scalars(history[-1]), refresh=False)
       if manager is not None and ((r + 1) % checkpoint_every == 0 or r + 1 == end):
         checkpoint_lib.save_run(manager, r + 1, state, run_key, stack_history(history))
       for hook in hooks:
@@ -93,6 +127,16 @@ def run_rounds(algo: FederatedAlgorithm, state: ServerState, data: FederatedData
       manager.wait_until_finished()
       manager.close()
   return state, stack_history(history)
+
+
+def _copy_array(leaf):
+  return jnp.array(leaf, copy=True) if isinstance(leaf, jax.Array) else leaf
+
+
+def _scalars(metrics: dict) -> dict[str, str]:
+  """The scalar metrics of one round, formatted for the progress bar."""
+  return {name: f"{float(value):.4g}" for name, value in metrics.items()
+          if np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number)}
 
 
 def stack_history(history: Sequence[dict]) -> dict[str, np.ndarray]:
