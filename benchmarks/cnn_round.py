@@ -24,10 +24,30 @@ median wall time of `--repeats` rounds after one warm-up round):
   compute floor          one model, 5 SGD steps on batches of 500 rows (the 50
                          clients' batches side by side), rewritten as matmuls
 
-pfl-research and Flower rows (the issue's peers) need `pfl`, `flwr[simulation]` and
-torch; they are not run by this script yet.
+With `--peers`, the issue's peers, each a script in `benchmarks/peers/` run in its own
+subprocess in the same invocation, on the same data (numpy default_rng(0)), the same
+`--repeats` after one warm-up round, with PyTorch's `simple_cnn` (pfl's, without its
+two Dropout layers, so that it computes the flax rows' function; the scripts'
+`--dropout` keeps them) and `torch.set_num_threads(--peer-threads)`:
+
+  pfl-research           pfl 0.6 (PyTorch backend) as its CIFAR10 benchmark runs:
+                         `FederatedAveraging`, `SimulatedBackend`, `PyTorchModel` with
+                         a central `torch.optim.SGD(lr=1.0)`, 50 users per iteration,
+                         one process (`peers/pfl_w4.py`)
+  Flower simulation      flwr 1.42's `run_simulation` on Ray: a `ServerApp` running
+                         `FedAvg` (50 of 1,000 supernodes per round), a `ClientApp`
+                         training 1 epoch; a round is timed from its start to its end
+                         inside the strategy (Ray's start-up falls in the warm-up
+                         round); its peak RSS is the sum over the process tree (driver,
+                         Ray's helpers, the client actors' workers) (`peers/flower_w4.py`)
+
+They need `pfl[pytorch]`, `flwr[simulation]` and torch, in this interpreter or in the
+ones `--pfl-python` / `--flower-python` name; a peer whose interpreter cannot import
+them is skipped with the reason printed. `peers/check_equal.py` checks that fedjax_med,
+a plain PyTorch loop and pfl compute the same round.
 
     python benchmarks/cnn_round.py [--repeats 3] [--native] [--json out.json]
+        [--peers [--pfl-python PY] [--flower-python PY] [--peer-threads 1]]
 """
 
 from __future__ import annotations
@@ -211,11 +231,47 @@ def worker(row: str, repeats: int) -> dict:
           "repeats": repeats}
 
 
+PEERS = {"pfl-research": ("pfl_w4.py", ("pfl", "torch")),
+         "Flower simulation": ("flower_w4.py", ("flwr", "ray", "torch"))}
+
+
+def _peer_row(name: str, python: str, repeats: int, threads: int) -> dict | None:
+  """Runs one peer script in `python`; its JSON line, or None (reason printed)."""
+  script, modules = PEERS[name]
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", script)
+  env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+  try:
+    probe = subprocess.run([python, "-c", "import " + ", ".join(modules)],
+                           capture_output=True, text=True, check=False, env=env)
+  except OSError as e:
+    print(f"{name}: skipped ({python}: {e})", file=sys.stderr)
+    return None
+  if probe.returncode:
+    reason = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
+    print(f"{name}: skipped ({python} cannot import {', '.join(modules)}: {reason};"
+          " pass --pfl-python / --flower-python)", file=sys.stderr)
+    return None
+  out = subprocess.run([python, path, "--repeats", str(repeats), "--threads", str(threads)],
+                       capture_output=True, text=True, check=False, env=env)
+  if out.returncode:
+    print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+    return None
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--native", action="store_true", help="also time XLA's native convs")
   parser.add_argument("--json", default=None)
+  parser.add_argument("--peers", action="store_true",
+                      help="also run the pfl-research and Flower rows (benchmarks/peers/)")
+  parser.add_argument("--pfl-python", default=sys.executable,
+                      help="interpreter with pfl[pytorch] and torch (default: this one)")
+  parser.add_argument("--flower-python", default=sys.executable,
+                      help="interpreter with flwr[simulation] and torch (default: this one)")
+  parser.add_argument("--peer-threads", type=int, default=1,
+                      help="torch.set_num_threads in the peers (Flower: per client actor)")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
@@ -231,6 +287,12 @@ def main(argv=None) -> int:
       print(f"{row}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
       continue
     results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  if args.peers:
+    for name, python in (("pfl-research", args.pfl_python),
+                         ("Flower simulation", args.flower_python)):
+      result = _peer_row(name, python, args.repeats, args.peer_threads)
+      if result is not None:
+        results.append(result)
   floor = next((r["median_s"] for r in results if r["row"] == "compute floor"), None)
   print(f"W4: {NUM_USERS} users x {IMAGES} images 32x32x3, cohort {COHORT}, batch {BATCH},"
         f" 1 epoch; simple_cnn (1,626,442 parameters); {os.cpu_count()} CPU cores")
@@ -241,6 +303,14 @@ def main(argv=None) -> int:
     ratio = f"{r['median_s'] / floor:.2f}" if floor else "-"
     print(f"| {r['row']} | {r['median_s']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f} |"
           f" {r['first_round_s']:.1f} | {ratio} | {r['peak_rss_mib']:.0f} |")
+  for r in results:
+    if "versions" in r:
+      extra = (f"; peak RSS summed over {r['tree_processes']} processes (PSS sum"
+               f" {r['tree_pss_mib']:.0f} MiB, driver alone {r['driver_peak_rss_mib']:.0f}"
+               " MiB)" if "tree_processes" in r else "")
+      print(f"{r['row']}: torch threads {r['threads']}"
+            + (f", {r['client_cpus']:g} CPU per client actor" if "client_cpus" in r else "")
+            + f"; {', '.join(f'{k} {v}' for k, v in r['versions'].items())}{extra}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
