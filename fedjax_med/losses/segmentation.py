@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_med.core.objective import batch_loss
-from fedjax_med.core.options import check_choice, check_nonnegative_float
+from fedjax_med.core.options import (OptionError, check_choice, check_nonnegative_float,
+                                     check_positive_int)
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 REDUCTIONS = ("example", "batch")
@@ -117,4 +118,104 @@ def bce_dice(apply_fn: ApplyFn, *, dice_weight: float = 1.0, smooth: float = 1.0
   return loss_fn
 
 
-__all__ = ["bce_dice", "pixel_logits", "split_labels", "REDUCTIONS"]
+def class_labels(y: jax.Array, spatial_shape: tuple[int, ...]
+                 ) -> tuple[jax.Array, jax.Array]:
+  """(class [B, ...] int32, valid [B, ...] bool) from per-voxel multi-class labels.
+
+  `spatial_shape` is the logits' shape without the class axis, `(B, ...)`.
+  y `[B, ..., 2]` = (class, valid) (valid: nonzero inside the real image),
+  `[B, ..., 1]` or `[B, ...]` = class alone (every voxel valid). Classes
+  stored as floats are rounded to the nearest integer.
+  """
+  spatial_shape = tuple(spatial_shape)
+  if y.shape == spatial_shape + (2,):
+    target, valid = y[..., 0], y[..., 1] != 0
+  elif y.shape == spatial_shape + (1,):
+    target, valid = y[..., 0], jnp.ones(spatial_shape, bool)
+  elif y.shape == spatial_shape:
+    target, valid = y, jnp.ones(spatial_shape, bool)
+  else:
+    raise ValueError(
+        f"segmentation loss: y must be {spatial_shape + (2,)} (class, valid),"
+        f" {spatial_shape + (1,)} or {spatial_shape} for logits of shape"
+        f" {spatial_shape + ('C',)}, got shape {y.shape}")
+  if jnp.issubdtype(target.dtype, jnp.floating):
+    target = jnp.round(target)
+  return target.astype(jnp.int32), valid
+
+
+def softmax_dice(apply_fn: ApplyFn, *, num_classes: int, dice_weight: float = 1.0,
+                 smooth: float = 1.0, include_background: bool = False) -> Callable:
+  """Masked softmax cross-entropy + lambda (1 - mean soft Dice over the classes).
+
+  For volumes (or images) with C classes, class 0 the background. The model
+  gives logits z `[B, X, Y, Z, C]` (any number of spatial axes); y is
+  `[B, X, Y, Z, 2]` = (class t in {0, ..., C-1}, valid v in {0, 1}) or the
+  class alone (`[B, X, Y, Z]` / `[..., 1]`, every voxel valid). With
+  p_jc = softmax(z_j)_c, over the voxels j of one example i:
+
+      CE_i     = - sum_j v_j log p_{j t_j} / max(sum_j v_j, 1)
+      Dice_ic  = (2 sum_j v_j p_jc [t_j = c] + s) / (sum_j v_j p_jc + sum_j v_j [t_j = c] + s)
+      f_i      = CE_i + lambda (1 - (1/|C'|) sum_{c in C'} Dice_ic)
+
+  with C' = {1, ..., C-1} (the foreground classes) or {0, ..., C-1} when
+  `include_background`; soft Dice as in Milletari et al. (V-Net, 3DV 2016),
+  per class and per example, with additive smoothing s (so a class absent
+  from an example has a defined loss, minimal when it is not predicted).
+  The loss is per example, `loss_fn(params, x, y) -> [B]`; the core
+  averages f_i over the batch's real rows (mask = True).
+
+  Padding never counts: a voxel with v_j = 0 contributes nothing, and its
+  logits and class are replaced by constants (0) before any arithmetic, so
+  whatever they hold (even NaN or a class out of range) changes neither the
+  loss nor its gradient, and the gradient reaching its logits is exactly 0.
+  (The model's logits at real voxels near padding still see the padded
+  input through the convolutions.) A class value outside {0, ..., C-1} at a
+  valid voxel gives a zero one-hot vector: keep labels in range.
+
+  Args:
+    apply_fn: `apply(params, x [B, X, Y, Z, C_in]) -> logits [B, X, Y, Z, C]`.
+    num_classes: C >= 2, the logits' last axis, background included.
+    dice_weight: lambda >= 0 (0 gives masked cross-entropy alone).
+    smooth: s >= 0, the Dice smoothing (s = 0 gives NaN for a class absent
+      from an example and not predicted).
+    include_background: average the Dice over every class, background too.
+
+  Returns:
+    `loss_fn(params, x, y) -> [B]`, with `label_type = "multiclass"`.
+  """
+  num_classes = check_positive_int("softmax_dice", "num_classes", num_classes)
+  if num_classes < 2:
+    raise OptionError(f"softmax_dice: num_classes must be >= 2 (background and at least"
+                      f" one class), got {num_classes}")
+  dice_weight = check_nonnegative_float("softmax_dice", "dice_weight", dice_weight)
+  smooth = check_nonnegative_float("softmax_dice", "smooth", smooth)
+  first = 0 if include_background else 1
+
+  def loss_fn(params, x, y):
+    logits = apply_fn(params, x).astype(jnp.float32)
+    if logits.ndim < 3 or logits.shape[-1] != num_classes:
+      raise ValueError(f"softmax_dice: the model must output [B, ..., {num_classes}] logits,"
+                       f" got shape {logits.shape}")
+    target, valid = class_labels(y, logits.shape[:-1])
+    logits = jnp.where(valid[..., None], logits, 0.0)
+    target = jnp.where(valid, target, 0)
+    axes = tuple(range(1, logits.ndim - 1))
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    onehot = jax.nn.one_hot(target, num_classes, dtype=log_p.dtype)
+    v = valid.astype(log_p.dtype)
+    ce = -jnp.sum(v * jnp.sum(onehot * log_p, -1), axes)
+    count = jnp.sum(v, axes)
+    p = jnp.exp(log_p) * v[..., None]
+    pt = jnp.sum(p * onehot, axes)  # [B, C]
+    p_sum = jnp.sum(p, axes)
+    t_sum = jnp.sum(onehot * v[..., None], axes)
+    dice = (2.0 * pt + smooth) / (p_sum + t_sum + smooth)
+    return ce / jnp.maximum(count, 1.0) + dice_weight * (1.0 - jnp.mean(dice[:, first:], -1))
+
+  loss_fn.label_type = "multiclass"
+  return loss_fn
+
+
+__all__ = ["bce_dice", "softmax_dice", "class_labels", "pixel_logits", "split_labels",
+           "REDUCTIONS"]
