@@ -14,13 +14,27 @@ decoder: at each level, a 2x2x2 stride-2 transposed convolution back to
 
 concatenation [up, skip] with the encoder's output at that level, and
 `convs_per_block` 3x3x3 convolutions; then a 1x1x1 convolution (a
-per-voxel dense layer) to the logits. The convolutions are plain
-`flax.linen.Conv`: in a federated round the kit computes them as im2col +
-GEMM on CPU (`fedjax_med.convs_as_matmuls`, the rule of
-`fedjax_med.core.conv.round_loss`), so no custom convolution is needed for
-speed under the vmapped round. The transposed convolution is the einsum
-above and a reshape, and the pooling a reshape + max: neither is a
+per-voxel dense layer) to the logits. The transposed convolution is the
+einsum above and a reshape, and the pooling a reshape + max: neither is a
 convolution, in the model or in its gradient.
+
+The 3x3x3 convolutions (`conv`; the function computed is the same, only the
+speed differs): `conv="planes"` computes them with
+`fedjax_med.models.conv3d.Conv3D`, 2D convolutions over the (Y, Z) planes with
+the X taps stacked on the channels, a custom VJP and a custom vmap rule;
+`conv="native"` with `flax.linen.Conv` (XLA's 3D convolution; in a federated
+round on CPU the kit computes it as im2col + GEMM, `fedjax_med.convs_as_matmuls`,
+the rule of `fedjax_med.core.conv.round_loss`); `conv="auto"` (the default) is
+"planes" when `jax.default_backend() == "cpu"` and "native" otherwise. Both
+have the same parameters (names, shapes, initial values), so parameters of one
+run the other. Measured on XLA:CPU (jaxlib 0.10.2, 2 cores), `features=(8, 16,
+32)`, volumes 48 x 64 x 48: the gradient of a batch of 2 takes 0.44 s with
+planes, 1.77 s with the round's rewrite of nn.Conv and 1.86 s with native
+nn.Conv; a FedAvg round of 4 sites x 8 volumes (batch 2, 4 local steps;
+`benchmarks/segmentation_round.py`, W5b) 6.4 s with planes, 27.7 s rewritten
+(peak RSS 1.8 vs 7.8 GiB), with `client_chunk_size=1` 6.2 s vs 30.4 s (1.4 vs
+2.8 GiB). On GPU / TPU the planes path was not measured, hence "native"
+there (cuDNN / the TPU's convolution units).
 
 X, Y and Z must be multiples of 2^(D-1) (`size_multiple()`; 4 for three
 levels, e.g. MSD Hippocampus crops padded to 48 x 64 x 48).
@@ -34,8 +48,10 @@ Measured on XLA:CPU (jaxlib 0.10.2): with `norm="group"`, the jitted
 `jax.vmap` over per-client parameters of the model's gradient with XLA's
 NATIVE convolutions is wrong (errors of order 1 in the first level's kernel
 gradients; one client at a time, the op-by-op vmap, finite differences and
-the matmul rewrite agree). The round's default on CPU (the rewrite) is
-right; do not combine `norm="group"` with `fedjax_med.keep_native_convs` on CPU.
+the matmul rewrite agree). The round's default for `conv="native"` on CPU
+(the rewrite) is right; do not combine `norm="group"`, `conv="native"` and
+`fedjax_med.keep_native_convs` on CPU. `conv="planes"` (the CPU default)
+never vmaps a native convolution.
 
 Size (C = 1 input channel, 3 classes, two convolutions per block): a
 3x3x3 convolution has 27 C_in C_out + C_out parameters, the transposed
@@ -52,7 +68,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_med.models.conv3d import Conv3D
+
 NORMS = ("none", "group")
+CONVS = ("auto", "planes", "native")
 
 
 class UpConv3D(nn.Module):
@@ -96,12 +115,18 @@ class UNet3D(nn.Module):
       convolution; see the module docstring).
     norm_groups: GroupNorm's number of groups, min(norm_groups, channels);
       the channels of every level must be divisible by it.
+    conv: how the 3x3x3 convolutions are computed (same function, same
+      parameters): "planes" (`fedjax_med.models.conv3d.Conv3D`), "native"
+      (`flax.linen.Conv`) or "auto" (the default: "planes" on the CPU backend,
+      "native" on GPU / TPU, where planes was not measured); see the module
+      docstring.
   """
   features: Sequence[int] = (8, 16, 32)
   num_classes: int = 3
   convs_per_block: int = 2
   norm: str = "none"
   norm_groups: int = 4
+  conv: str = "auto"
 
   def size_multiple(self) -> int:
     """X, Y and Z must be multiples of this: 2^(D-1)."""
@@ -116,6 +141,8 @@ class UNet3D(nn.Module):
     if int(self.num_classes) < 1 or int(self.convs_per_block) < 1:
       raise ValueError(f"UNet3D: num_classes and convs_per_block must be >= 1, got"
                        f" {self.num_classes} and {self.convs_per_block}")
+    if self.conv not in CONVS:
+      raise ValueError(f"UNet3D: conv must be one of {CONVS}, got {self.conv!r}")
     if self.norm not in NORMS:
       raise ValueError(f"UNet3D: norm must be one of {NORMS}, got {self.norm!r}")
     if self.norm == "group":
@@ -130,13 +157,24 @@ class UNet3D(nn.Module):
           f"UNet3D: X, Y and Z must be multiples of {m} for {len(self.features)} levels,"
           f" got {x.shape[1]} x {x.shape[2]} x {x.shape[3]}; pad the volume")
 
+  def conv_path(self) -> str:
+    """The path taken, "planes" or "native": `conv` with "auto" resolved by
+    `jax.default_backend()` when the model is traced."""
+    if self.conv == "auto":
+      return "planes" if jax.default_backend() == "cpu" else "native"
+    return self.conv
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     self._check(x)
+    planes = self.conv_path() == "planes"
 
     def block(h, width, name):
       for i in range(self.convs_per_block):
-        h = nn.Conv(width, (3, 3, 3), padding="SAME", name=f"{name}_conv{i}")(h)
+        if planes:
+          h = Conv3D(width, name=f"{name}_conv{i}")(h)
+        else:
+          h = nn.Conv(width, (3, 3, 3), padding="SAME", name=f"{name}_conv{i}")(h)
         if self.norm == "group":
           h = nn.GroupNorm(num_groups=min(self.norm_groups, width), use_fast_variance=False,
                            name=f"{name}_norm{i}")(h)
@@ -157,4 +195,4 @@ class UNet3D(nn.Module):
     return nn.Dense(self.num_classes, name="logits")(h)
 
 
-__all__ = ["UNet3D", "UpConv3D", "max_pool_2x2x2", "NORMS"]
+__all__ = ["UNet3D", "UpConv3D", "max_pool_2x2x2", "NORMS", "CONVS"]
