@@ -1,0 +1,44 @@
+"""experiments/hippocampus.py: a smoke run writes consistent records, table and figure."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def _module():
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "hippocampus.py")
+  spec = importlib.util.spec_from_file_location("hippocampus_experiment", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module   # dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_hippocampus_smoke(tmp_path):
+  out = tmp_path / "hc"
+  assert _module().main(["--smoke", "--out", str(out), "--no-progress"]) == 0
+  records = json.loads((out / "results.json").read_text())
+  assert {r["strategy"] for r in records} == {"fedavg", "fedprox", "finetune", "local", "pooled"}
+  assert {r["dataset"] for r in records} == {"msd_hippocampus[iid]"}
+  assert {r["metric"] for r in records} == {"dice_anterior", "dice_posterior", "dice_mean"}
+  values = {(r["strategy"], r["site"], r["metric"]): r["value"] for r in records}
+  cases = sorted({r["site"] for r in records if r["site"].startswith("case-")})
+  # --smoke scores the first 2 test cases, which are uint8-stored (the test set is
+  # ordered by encoding group, then case id): index.csv's first uint8 test cases are
+  # 070 and 123.
+  assert cases == ["case-070", "case-123"]
+  for strategy in ("fedavg", "fedprox", "finetune", "local", "pooled"):
+    per_case = np.array([[values[(strategy, c, m)] for m in ("dice_anterior", "dice_posterior")]
+                         for c in cases])
+    assert ((0 <= per_case) & (per_case <= 1)).all()
+    # dice_mean = (anterior + posterior) / 2 per case; "all" = the mean over cases.
+    for c, row in zip(cases, per_case):
+      assert abs(values[(strategy, c, "dice_mean")] - row.mean()) < 1e-12
+    assert abs(values[(strategy, "all", "dice_anterior")] - per_case[:, 0].mean()) < 1e-12
+    assert (strategy, "test-float_low", "dice_mean") not in values   # no such case scored
+  table = (out / "table.md").read_text()
+  assert "SIMULATED" in table and "ONLY the first 2 test cases" in table
+  assert (out / "slices.png").stat().st_size > 1000
