@@ -549,6 +549,11 @@ def log_pixels(params, x):
   return params["w"] * jnp.log(x[..., 0]) + params["b"]
 
 
+def log_voxels(params, x):
+  """x [B, H, W, 1] -> 3-class logits [B, H, W, 3] on log intensities: -inf on a zero patch."""
+  return params["w"] * jnp.log(x) + params["b"]
+
+
 def log_target_mse(params, x, y):
   """(log y - f(x))^2, regression of log-scale targets (y > 0): inf at y = 0."""
   return (jnp.log(y) - linear(params, x)) ** 2
@@ -620,6 +625,13 @@ def _site_pixels(rng, n):
   return x, np.stack([_binary(rng, (n, 2, 2)), valid], axis=-1)
 
 
+def _site_voxels(rng, n):
+  x = rng.uniform(0.5, 2.0, size=(n, 2, 2, 1)).astype(np.float32)
+  valid = (rng.uniform(size=(n, 2, 2)) < 0.9).astype(np.float32)
+  classes = rng.integers(0, 3, size=(n, 2, 2)).astype(np.float32)
+  return x, np.stack([classes, valid], axis=-1)
+
+
 def _site_log_target(rng, n):
   return _positive_x(rng, n), np.exp(rng.normal(size=n)).astype(np.float32)
 
@@ -669,6 +681,9 @@ LOSS_CASES = {
     "bce_dice[batch]": LossCase(
         lambda: LOSSES.bce_dice(log_pixels, reduction="batch"), log_pixels,
         lambda s: _vector_params(s, (), ()), _site_pixels),
+    "softmax_dice": LossCase(
+        lambda: LOSSES.softmax_dice(log_voxels, num_classes=3), log_voxels,
+        lambda s: _vector_params(s, (3,), (3,)), _site_voxels),
     # Adversarial user losses (label_type unset), finite on every real row.
     "user:log_target_mse": LossCase(
         lambda: log_target_mse, linear, _vector_params, _site_log_target,
