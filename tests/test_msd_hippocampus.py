@@ -32,10 +32,19 @@ def _rows():
 ROWS = _rows()
 
 
+SHARDS = [f"hippocampus_260.part{i}.npz" for i in range(5)]
+
+
 @pytest.fixture(scope="module")
 def npz():
-  with np.load(os.path.join(FILES, "hippocampus_260.npz")) as z:
-    return {name: z[name] for name in z.files}
+  """Every array of the five shards, read with np.load; each name in exactly one shard."""
+  arrays = {}
+  for shard in SHARDS:
+    with np.load(os.path.join(FILES, shard)) as z:
+      assert not set(z.files) & set(arrays), shard
+      arrays.update({name: z[name] for name in z.files})
+  assert len(arrays) == 2 * len(ROWS)
+  return arrays
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +63,17 @@ def _site_rows(data):
 def test_bundled_files_match_sha256sums_and_are_packaged():
   with open(os.path.join(FILES, "SHA256SUMS")) as f:
     lines = [line.split("  ") for line in f.read().splitlines() if line.strip()]
-  assert sorted(name for _, name in lines) == ["hippocampus_260.npz", "index.csv"]
-  sizes = {"hippocampus_260.npz": 19020329, "index.csv": 64906}     # SOURCE.md's table
+  assert sorted(name for _, name in lines) == SHARDS + ["index.csv"]
   for digest, name in lines:
     with open(os.path.join(FILES, name), "rb") as f:
       data = f.read()
     assert hashlib.sha256(data).hexdigest() == digest, name
-    assert len(data) == sizes[name]
+    if name == "index.csv":
+      assert len(data) == 64906                          # SOURCE.md's table
+    else:
+      assert len(data) < 5_000_000, name                 # why the source npz is sharded
   assert "CC BY-SA 4.0" in mh.source_text()
-  # A non-editable install ships the four files (setuptools globs package-data).
+  # A non-editable install ships the shards, index.csv, SOURCE.md and SHA256SUMS (setuptools globs package-data).
   try:
     import tomllib
   except ImportError:  # Python 3.10
@@ -72,12 +83,12 @@ def test_bundled_files_match_sha256sums_and_are_packaged():
   data_dir = os.path.dirname(mh.__file__)
   shipped = {os.path.relpath(p, FILES) for pattern in patterns
              for p in glob.glob(os.path.join(data_dir, pattern)) if p.startswith(FILES)}
-  assert shipped == {"hippocampus_260.npz", "index.csv", "SOURCE.md", "SHA256SUMS"}
+  assert shipped == set(SHARDS) | {"index.csv", "SOURCE.md", "SHA256SUMS"}
 
 
 def test_damaged_copy_raises_naming_the_file(monkeypatch, tmp_path):
   monkeypatch.setattr(mh, "_MEMORY", {})                # copies are not kept afterwards
-  for name in ("hippocampus_260.npz", "index.csv"):
+  for name in ("hippocampus_260.part2.npz", "index.csv"):
     copy = tmp_path / name.split(".")[0]
     shutil.copytree(FILES, copy)
     os.chmod(copy / name, 0o644)

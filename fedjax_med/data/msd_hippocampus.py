@@ -64,7 +64,8 @@ padded voxels (valid = 0) out of losses and metrics. Memory: the default
 train and test sets hold ~370 MB and ~180 MB (3 test sites padded to 34
 rows) of float32 arrays; the decoded bundle (~82 MB) is kept for the process.
 
-Checks: `hippocampus_260.npz` and `index.csv` are checked against
+Checks: the npz shards (`hippocampus_260.part0-4.npz`, the source npz repacked
+losslessly, 52 cases each) and `index.csv` are checked against
 SHA256SUMS once per process (a ValueError names a damaged file), and every
 case's shape, dtype and label values against index.csv.
 """
@@ -84,7 +85,9 @@ import numpy as np
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.options import OptionError, check_choice
 
-NPZ = "hippocampus_260.npz"
+# The source's hippocampus_260.npz (19 MB), repacked losslessly into 5 shards of 52
+# cases each (case-id order) so that no bundled file exceeds 5 MB.
+NPZ_SHARDS = tuple(f"hippocampus_260.part{i}.npz" for i in range(5))
 INDEX = "index.csv"
 NUM_CASES = 260
 NUM_TRAIN = 208
@@ -161,43 +164,46 @@ def _decode(files) -> Raw:
       digest, _, name = line.strip().partition("  ")
       sums[name.strip()] = digest
   index = _checked_bytes(files, INDEX, sums).decode("utf-8")
-  npz = _checked_bytes(files, NPZ, sums)
+  shards = [_checked_bytes(files, name, sums) for name in NPZ_SHARDS]
   rows = tuple(sorted(csv.DictReader(io.StringIO(index)), key=lambda r: r["case"]))
   cases = tuple(r["case"] for r in rows)
   if len(rows) != NUM_CASES or len(set(cases)) != NUM_CASES:
     raise _damaged(f"{INDEX} has {len(rows)} rows ({len(set(cases))} distinct cases),"
                    f" expected {NUM_CASES}")
+  arrays = {}
+  for name, data in zip(NPZ_SHARDS, shards):
+    try:
+      with np.load(io.BytesIO(data)) as z:
+        arrays.update({key: z[key] for key in z.files})
+    except (zipfile.BadZipFile, KeyError, EOFError, OSError, ValueError) as err:
+      raise _damaged(f"{name} cannot be read ({err})") from None
+  expected = {f"{kind}_{c}" for c in cases for kind in ("image", "label")}
+  if set(arrays) != expected:
+    raise _damaged(f"the npz shards hold arrays {sorted(set(arrays) ^ expected)[:4]}..."
+                   f" that do not match {INDEX}")
   images, labels = [], []
-  try:
-    with np.load(io.BytesIO(npz)) as z:
-      expected = {f"{kind}_{c}" for c in cases for kind in ("image", "label")}
-      if set(z.files) != expected:
-        raise _damaged(f"{NPZ} holds arrays {sorted(set(z.files) ^ expected)[:4]}..."
-                       f" that do not match {INDEX}")
-      for r in rows:
-        image, label = z[f"image_{r['case']}"], z[f"label_{r['case']}"]
-        shape = tuple(int(r[f"shape_{a}"]) for a in "xyz")
-        if image.shape != shape or label.shape != shape:
-          raise _damaged(f"case {r['case']} has shapes {image.shape}, {label.shape};"
-                         f" {INDEX} says {shape}")
-        if image.dtype != np.dtype(r["image_dtype"]) or label.dtype != np.uint8:
-          raise _damaged(f"case {r['case']} has dtypes {image.dtype}, {label.dtype}")
-        if not np.isfinite(image).all() or label.max() > 2:
-          raise _damaged(f"case {r['case']} has a non-finite image value or a label"
-                         " outside {0, 1, 2}")
-        image.setflags(write=False)
-        label.setflags(write=False)
-        images.append(image)
-        labels.append(label)
-  except (zipfile.BadZipFile, KeyError, EOFError, OSError) as err:
-    raise _damaged(f"{NPZ} cannot be read ({err})") from None
+  for r in rows:
+    image, label = arrays[f"image_{r['case']}"], arrays[f"label_{r['case']}"]
+    shape = tuple(int(r[f"shape_{a}"]) for a in "xyz")
+    if image.shape != shape or label.shape != shape:
+      raise _damaged(f"case {r['case']} has shapes {image.shape}, {label.shape};"
+                     f" {INDEX} says {shape}")
+    if image.dtype != np.dtype(r["image_dtype"]) or label.dtype != np.uint8:
+      raise _damaged(f"case {r['case']} has dtypes {image.dtype}, {label.dtype}")
+    if not np.isfinite(image).all() or label.max() > 2:
+      raise _damaged(f"case {r['case']} has a non-finite image value or a label"
+                     " outside {0, 1, 2}")
+    image.setflags(write=False)
+    label.setflags(write=False)
+    images.append(image)
+    labels.append(label)
   return Raw(cases, tuple(images), tuple(labels), rows)
 
 
 def load_raw() -> Raw:
   """The 260 cases as stored (`Raw`), checked once per process.
 
-  The first call checks `hippocampus_260.npz` and `index.csv` against
+  The first call checks the npz shards and `index.csv` against
   SHA256SUMS (ValueError naming the damaged file) and every case's shape,
   dtype and label values against index.csv; later calls return the same
   read-only arrays.
