@@ -164,12 +164,15 @@ def run(config: Config, out_dir: str, progress: bool = True
   fedprox = crops(fm.algorithms.fedprox(loss_fn, mu=config.fedprox_mu,
                                         client_optimizer=adam(config.client_lr), **common))
   local = crops(fm.algorithms.local_only(loss_fn, optimizer=adam(config.baseline_lr), **common))
-  pooled = None
+  pooled = crops(fm.algorithms.local_only(   # K x the local steps: the K sites' examples
+      loss_fn, optimizer=adam(config.baseline_lr), batch_size=config.batch_size,
+      local_steps=config.local_steps * max(SPLIT_SITES[s] for s in config.splits)))
 
   records: list[dict] = []
   history: dict[str, dict] = {}
   predictions: dict[str, np.ndarray] = {}
-  _, test = msd_hippocampus(num_sites=1, split="iid", seed=config.split_seed)
+  # One site of all 208 training cases (the pooled strategy's data) and the test set.
+  pooled_train, test = msd_hippocampus(num_sites=1, split="iid", seed=config.split_seed)
   x_test, y_test, cases, groups = _test_cases(test, config.split_seed)
   if config.test_cases is not None:
     x_test, y_test = x_test[:config.test_cases], y_test[:config.test_cases]
@@ -198,18 +201,12 @@ def run(config: Config, out_dir: str, progress: bool = True
     init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
     params0 = jax.jit(model.init)(init_key, jnp.zeros((1,) + config.crop + (1,)))
     if "pooled" in config.strategies:
-      pooled_train, _ = msd_hippocampus(num_sites=1, split="iid", seed=config.split_seed)
-      k_max = max(SPLIT_SITES[s] for s in config.splits)
-      pooled = pooled or crops(fm.algorithms.local_only(
-          loss_fn, optimizer=adam(config.baseline_lr), batch_size=config.batch_size,
-          local_steps=config.local_steps * k_max))
       state = train("pooled", pooled, pooled.init(params0, 1), pooled_train, train_key,
                     config.rounds, f"{DATASET}[pooled]", seed)
       per_case = evaluate("pooled", f"{DATASET}[pooled]", seed,
                           [_site_params(state.client_states["params"], 0)])
       for split in config.splits:
         records += _records(f"{DATASET}[{split}]", "pooled", seed, cases, groups, per_case)
-      del pooled_train
     for split in config.splits:
       dataset = f"{DATASET}[{split}]"
       k = SPLIT_SITES[split]
