@@ -42,6 +42,9 @@ class FederatedAlgorithm(NamedTuple):
     hyperparameters, or lax.scan it over rounds.
   personalize: for personalised methods, `personalize(state, data, key)`
     -> per-site parameters stacked on a leading K axis (None otherwise).
+  config: a synchronous kit-built algorithm's `KitConfig` (its pieces, for
+    `fedjax_med.deploy` to run the client and server halves of the round in
+    different processes); None for rounds of another shape.
   """
   init: Callable[..., ServerState]
   round: Callable[[ServerState, FederatedData, jax.Array], tuple[ServerState, dict]]
@@ -49,6 +52,7 @@ class FederatedAlgorithm(NamedTuple):
   pure_round: Callable[[ServerState, FederatedData, jax.Array],
                        tuple[ServerState, dict]] | None = None
   personalize: Callable[[ServerState, FederatedData, jax.Array], Any] | None = None
+  config: Any = None
 
 
 def _call_impl(impl, config, state, data, key):
@@ -140,14 +144,18 @@ def make_round(name: str, impl: Callable, config: Any, loss_fn) -> Callable:
 
 
 def make_algorithm(name: str, impl: Callable, config: Any, loss_fn, init: Callable,
-                   personalize: Callable | None = None) -> FederatedAlgorithm:
-  """Bundles init, the checked jit round and the pure round of `impl`."""
+                   personalize: Callable | None = None,
+                   expose_config: bool = False) -> FederatedAlgorithm:
+  """Bundles init, the checked jit round and the pure round of `impl`
+  (`expose_config`: keep `config` as `algo.config`, for synchronous kit rounds
+  whose halves `fedjax_med.deploy` can run apart)."""
 
   def pure_round(state: ServerState, data: FederatedData, key: jax.Array):
     return impl(config, state, arrays_only(data), key)
 
   return FederatedAlgorithm(init=init, round=make_round(name, impl, config, loss_fn),
-                            name=name, pure_round=pure_round, personalize=personalize)
+                            name=name, pure_round=pure_round, personalize=personalize,
+                            config=config if expose_config else None)
 
 
 def new_server_state(params: Any, server_optimizer: optax.GradientTransformation,

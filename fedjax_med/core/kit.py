@@ -391,7 +391,8 @@ def build_algorithm(name: str, loss_fn, *, client_update: Callable = fedavg_clie
                          algorithm_state=algorithm_state,
                          aggregator_state=config.aggregator.init(params, num_sites))
 
-  return make_algorithm(name, kit_round, config, loss_fn, init, personalize)
+  return make_algorithm(name, kit_round, config, loss_fn, init, personalize,
+                        expose_config=True)
 
 
 def _check_client_states(name: str, client_states: Any, num_sites: int) -> None:
@@ -507,71 +508,92 @@ def client_context(config: KitConfig, state) -> ClientContext:
 _VALUE_METRICS = {"num_steps": "client_steps", "mean_loss": "client_train_loss"}
 
 
-def kit_round(config: KitConfig, state, data, key):
-  """One round of a kit-built algorithm on data.x [K, N_max, ...], data.mask [K, N_max]."""
-  num_sites = data.mask.shape[0]
-  if config.has_client_state:
-    _check_client_states(config.name, state.client_states, num_sites)
+class RoundPlan(NamedTuple):
+  """A round's server side before any client runs (`begin_round`).
+
+  params: w as the clients receive it (after the downlink, if any).
+  cohort: the `Cohort` (positions, the cohort's rows or census, client states,
+    raw weights `[C]`, aggregation context).
+  keys: `[C, ...]` the client keys, fold_in(round_key, site_id_k).
+  positions: `[C]` int32 positions of the cohort among the K sites.
+  server_key: fold_in(round_key, SERVER_STREAM).
+  downlink_metrics: the downlink's metrics ({} without one).
+  """
+  params: Any
+  cohort: cohort_lib.Cohort
+  keys: jax.Array
+  positions: jax.Array
+  server_key: jax.Array
+  downlink_metrics: dict
+
+
+def begin_round(config: KitConfig, state, data, key) -> RoundPlan:
+  """The server's first half of a round: downlink, cohort, client keys.
+
+  `data` needs only `num_examples [K]` and `site_ids [K]` (a `FederatedData`,
+  or a census of the sites: `fedjax_med.deploy` plans rounds from the n_k the
+  nodes report, without their rows).
+  """
   w = state.params
   downlink_metrics = {}
   if config.downlink is not None:
     w, downlink_metrics = config.downlink(w, jax.random.fold_in(server_key(key), 1))
   cohort = cohort_lib.select_cohort(config.cohort, data, state.client_states, key)
-  ctx = ClientContext(config, state.hparams, state.client_hparams, state.algorithm_state,
-                      state.round)
+  num_sites = data.num_examples.shape[0]
+  return RoundPlan(w, cohort, client_keys(key, cohort.data.site_ids),
+                   cohort_positions(cohort, num_sites), server_key(key), downlink_metrics)
 
-  def client_fn(x_k, y_k, mask_k, key_k, state_k):
-    result = config.client_update(ctx, w, state_k, ClientData(x_k, y_k, mask_k), key_k)
-    if not isinstance(result, ClientResult):
-      raise TypeError(f"{config.name}: client_update must return a ClientResult, got"
-                      f" {type(result).__name__}")
-    new_state = state_k if result.client_state is None else result.client_state
-    if config.has_client_state:
-      _check_returned_state(config.name, state_k, new_state)
-      # A client with no data keeps its state exactly.
-      new_state = jax.tree_util.tree_map(
-          lambda new, old: jnp.where(jnp.any(mask_k), new, old), new_state, state_k)
-    values = {**result.values, "num_examples": jnp.sum(mask_k, dtype=jnp.int32)}
-    return result.update, (new_state, values)
 
-  inputs = (cohort.data.x, cohort.data.y, cohort.data.mask,
-            client_keys(key, cohort.data.site_ids))
+def client_step(config: KitConfig, ctx: ClientContext, params, client_state, data: ClientData,
+                key) -> tuple[Any, tuple[Any, dict]]:
+  """One client's part of a round: `config.client_update`, checked, with the
+  kit's conventions (an empty client keeps its state exactly; `values` gains
+  `num_examples`). Returns `(update, (client_state', values))`; `client_state`
+  is () for algorithms without one."""
+  result = config.client_update(ctx, params, client_state, data, key)
+  if not isinstance(result, ClientResult):
+    raise TypeError(f"{config.name}: client_update must return a ClientResult, got"
+                    f" {type(result).__name__}")
+  new_state = client_state if result.client_state is None else result.client_state
   if config.has_client_state:
-    fn = client_fn
-    inputs = inputs + (cohort.client_states,)
-  else:
-    fn = lambda x_k, y_k, mask_k, key_k: client_fn(x_k, y_k, mask_k, key_k, ())
+    _check_returned_state(config.name, client_state, new_state)
+    # A client with no data keeps its state exactly.
+    new_state = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(jnp.any(data.mask), new, old), new_state, client_state)
+  values = {**result.values, "num_examples": jnp.sum(data.mask, dtype=jnp.int32)}
+  return result.update, (new_state, values)
 
-  positions = cohort_positions(cohort, num_sites)
-  s_key = server_key(key)
-  participated = cohort_lib.participated(cohort)
 
-  def server_ctx(weights):
-    return ServerContext(config, state.hparams, cohort.weights, weights, positions,
-                         num_sites, data.num_examples, participated, s_key)
+def server_context(config: KitConfig, state, plan: RoundPlan, population_num_examples,
+                   cohort_weights, weights) -> ServerContext:
+  """The `ServerContext` of a round planned by `plan` (`cohort_weights`: the cohort
+  scheme's raw weights; `weights`: the aggregation weights)."""
+  return ServerContext(config, state.hparams, cohort_weights, weights, plan.positions,
+                       population_num_examples.shape[0], population_num_examples,
+                       jnp.sum(cohort_weights) > 0, plan.server_key)
 
-  if config.client_weights is None:
-    weights = cohort.weights
-    update, (new_states, values), aggregator_state, agg_metrics = chunking.aggregate_clients(
-        fn, inputs, weights, config.aggregator, state.aggregator_state, s_key,
-        cohort.context, config.client_chunk_size)
-  else:
-    # Weights that depend on the clients' values: run the clients, then aggregate.
-    updates, (new_states, values) = chunking.map_clients(
-        lambda *a: ((), fn(*a)), inputs, jnp.zeros_like(cohort.weights),
-        config.client_chunk_size)[1]
-    weights = config.client_weights(server_ctx(cohort.weights), values).astype(jnp.float32)
-    update, aggregator_state, agg_metrics = config.aggregator.aggregate(
-        updates, weights, state.aggregator_state, s_key, cohort.context)
-    update = chunking.scaled_aggregate(update, cohort.context)
 
-  result = config.server_update(server_ctx(weights), state, update, values)
+def finish_round(config: KitConfig, state, plan: RoundPlan, population_num_examples,
+                 cohort_weights, weights, update, new_states, values, aggregator_state,
+                 aggregator_metrics):
+  """The server's second half of a round, once the aggregate is known: the
+  server update, the cohort's client states written back, the metrics.
+
+  population_num_examples: `[K]` n_k of every site; cohort_weights: `[C]` the
+  cohort scheme's raw weights (a round in which they sum to 0 changes
+  nothing); weights: `[C]` the aggregation weights; update: the aggregate;
+  new_states / values: the clients' outputs stacked `[C, ...]`.
+  """
+  result = config.server_update(
+      server_context(config, state, plan, population_num_examples, cohort_weights, weights),
+      state, update, values)
   if not isinstance(result, ServerResult):
     raise TypeError(f"{config.name}: server_update must return a ServerResult, got"
                     f" {type(result).__name__}")
   new_client_states = state.client_states
   if config.has_client_state:
-    new_client_states = cohort_lib.put_sites(state.client_states, new_states, cohort.indices)
+    new_client_states = cohort_lib.put_sites(state.client_states, new_states,
+                                             plan.cohort.indices)
 
   metrics = {}
   if "mean_loss" in values:
@@ -579,9 +601,9 @@ def kit_round(config: KitConfig, state, data, key):
   for name, metric in _VALUE_METRICS.items():
     if name in values:
       metrics[metric] = values[name]
-  metrics.update({"num_examples": values["num_examples"], "cohort": positions,
-                  "update_norm": tree_l2_norm(update), **agg_metrics, **result.metrics,
-                  **downlink_metrics})
+  metrics.update({"num_examples": values["num_examples"], "cohort": plan.positions,
+                  "update_norm": tree_l2_norm(update), **aggregator_metrics, **result.metrics,
+                  **plan.downlink_metrics})
   new_state = state._replace(params=result.params, server_opt_state=result.server_opt_state,
                              algorithm_state=result.algorithm_state,
                              aggregator_state=aggregator_state,
@@ -593,6 +615,45 @@ def kit_round(config: KitConfig, state, data, key):
                        f" not produce; it produces {sorted(metrics)}")
     metrics = {name: metrics[name] for name in config.report_metrics}
   return new_state, metrics
+
+
+def kit_round(config: KitConfig, state, data, key):
+  """One round of a kit-built algorithm on data.x [K, N_max, ...], data.mask [K, N_max]:
+  `begin_round`, the cohort's `client_step`s under vmap (in chunks if asked) with
+  their aggregation, then `finish_round`."""
+  num_sites = data.mask.shape[0]
+  if config.has_client_state:
+    _check_client_states(config.name, state.client_states, num_sites)
+  plan = begin_round(config, state, data, key)
+  cohort = plan.cohort
+  ctx = client_context(config, state)
+
+  def fn(x_k, y_k, mask_k, key_k, state_k=()):
+    return client_step(config, ctx, plan.params, state_k, ClientData(x_k, y_k, mask_k), key_k)
+
+  inputs = (cohort.data.x, cohort.data.y, cohort.data.mask, plan.keys)
+  if config.has_client_state:
+    inputs = inputs + (cohort.client_states,)
+
+  if config.client_weights is None:
+    weights = cohort.weights
+    update, (new_states, values), aggregator_state, agg_metrics = chunking.aggregate_clients(
+        fn, inputs, weights, config.aggregator, state.aggregator_state, plan.server_key,
+        cohort.context, config.client_chunk_size)
+  else:
+    # Weights that depend on the clients' values: run the clients, then aggregate.
+    updates, (new_states, values) = chunking.map_clients(
+        lambda *a: ((), fn(*a)), inputs, jnp.zeros_like(cohort.weights),
+        config.client_chunk_size)[1]
+    weights = config.client_weights(
+        server_context(config, state, plan, data.num_examples, cohort.weights,
+                       cohort.weights), values).astype(jnp.float32)
+    update, aggregator_state, agg_metrics = config.aggregator.aggregate(
+        updates, weights, state.aggregator_state, plan.server_key, cohort.context)
+    update = chunking.scaled_aggregate(update, cohort.context)
+
+  return finish_round(config, state, plan, data.num_examples, cohort.weights, weights, update,
+                      new_states, values, aggregator_state, agg_metrics)
 
 
 def cohort_positions(cohort: cohort_lib.Cohort, size: int) -> jax.Array:
@@ -608,4 +669,5 @@ __all__ = ["ClientData", "ClientResult", "ServerResult", "ClientContext", "Serve
            "apply_server_update", "normalized_weights", "check_common_options",
            "reject_fixed_options", "OptionError",
            "build_algorithm", "kit_round", "cohort_positions", "make_config",
+           "RoundPlan", "begin_round", "client_step", "server_context", "finish_round",
            "initial_state", "client_context", "client_keys", "stack_sites"]
