@@ -23,6 +23,7 @@ from fedjax_med import data
 from fedjax_med import privacy
 from fedjax_med import algorithms
 from fedjax_med import training
+from fedjax_med import deploy
 
 from fedjax_med.core import kit
 from fedjax_med.core import server_optimizers as optimizers
@@ -79,7 +80,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "core", "models", "losses", "metrics", "aggregators", "data", "privacy", "algorithms",
-    "training",
+    "training", "deploy",
     "audit", "checkpoint", "compression", "datasets", "evaluation",
     "evaluation_tasks", "optimizers", "partition",
     "kit", "report", "robust", "segmentation", "sharding",

@@ -33,7 +33,7 @@ from importlib import resources
 import numpy as np
 
 from fedjax_med.core.federated_data import FederatedData
-from fedjax_med.core.options import check_choice
+from fedjax_med.core.options import OptionError, check_choice
 from fedjax_med.data.standardize import federated_standardize
 
 SITES = ("cleveland", "hungarian", "switzerland", "va")
@@ -107,7 +107,8 @@ def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return x.mean(axis=0), x.std(axis=0, ddof=1)
 
 
-def heart_disease(standardize: str = "site") -> tuple[FederatedData, FederatedData]:
+def heart_disease(standardize: str = "site", site: int | str | None = None
+                  ) -> tuple[FederatedData, FederatedData]:
   """Fed-Heart-Disease as (train, test) FederatedData, K = 4, 13 features.
 
   Args:
@@ -121,8 +122,22 @@ def heart_disease(standardize: str = "site") -> tuple[FederatedData, FederatedDa
     train, test: `x [4, N_max, 13]` float32, `y [4, N_max]` in {0, 1},
     site_names ("cleveland", "hungarian", "switzerland", "va").
     n_k train/test: 199/104, 172/89, 30/16, 85/45.
+    With `site` (an index 0-3 or a name): that hospital only, K = 1 (what one
+    node of a deployment loads, `fedjax_med.deploy`); its rows and numbers are
+    those of the site in the K = 4 data. Needs standardize "site" or "none"
+    (the others use the other hospitals' rows).
   """
   check_choice("heart_disease", "standardize", standardize, STANDARDIZE)
+  if site is not None:
+    if standardize not in ("site", "none"):
+      raise OptionError(f"heart_disease: site= needs standardize='site' or 'none' (one"
+                        f" hospital's own statistics), got standardize={standardize!r}")
+    index = SITES.index(site) if site in SITES else site
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not (
+        0 <= index < len(SITES)):
+      raise OptionError(f"heart_disease: site must be 0-{len(SITES) - 1} or one of {SITES},"
+                        f" got {site!r}")
+    return tuple(d.subset([int(index)]) for d in heart_disease(standardize))
   raw = load_raw()
   if standardize == "federated":
     _, train, test = federated_standardize(

@@ -1,0 +1,99 @@
+"""fedjax_med.deploy on Flower (flwr >= 1.42, the `[flower]` extra).
+
+* Flower's simulation runtime (`flwr.simulation.run_simulation`, Ray) runs the
+  example app's ServerApp / ClientApp: SCAFFOLD's global parameters equal the
+  simulator's `fm.run_rounds` to float32 tolerance, with each node's control
+  variate kept in its SuperNode context between rounds.
+* Real processes (marker `flower_processes`, in the default suite): a SuperLink
+  and four SuperNodes as separate local processes (insecure, loopback only,
+  stopped on failure), 3 rounds started with the `flwr run` CLI, compared with
+  the simulator.
+* `FlowerTransport` waits for K nodes and names the shortfall.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr")
+
+import fedjax_med as fm  # noqa: E402
+from fedjax_med.deploy import flower as deploy_flower  # noqa: E402
+from fedjax_med.deploy import launch  # noqa: E402
+
+APP_DIR = os.path.join(os.path.dirname(__file__), "..", "experiments", "heart_disease_flower")
+sys.path.insert(0, APP_DIR)
+import heart_disease_task as app  # noqa: E402
+
+RUN_KEY_SEED = 7
+
+
+def _simulated(name, rounds):
+  task = app.make_task({"algorithm": name})
+  train, _ = fm.datasets.heart_disease()
+  state, _ = fm.run_rounds(task.algorithm, fm.deploy.initial_state(task), train, rounds,
+                           jax.random.PRNGKey(RUN_KEY_SEED), progress=False)
+  return [np.asarray(a) for a in jax.tree_util.tree_leaves(state.params)]
+
+
+def test_flower_simulation_runtime_equals_simulator():
+  from flwr.simulation import run_simulation  # pylint: disable=import-outside-toplevel
+  results = {}
+  # A `flwr run` reads the run config from the app's pyproject.toml; run_simulation
+  # passes an empty one, so the factory pins the algorithm.
+  server = deploy_flower.server_app(lambda rc: app.make_task({"algorithm": "scaffold"}),
+                                    num_rounds=3, seed=RUN_KEY_SEED,
+                                    on_done=lambda *r: results.setdefault("run", r))
+  client = deploy_flower.client_app(lambda rc: app.make_task({"algorithm": "scaffold"}))
+  run_simulation(server, client, num_supernodes=4,
+                 backend_config={"client_resources": {"num_cpus": 1},
+                                 "init_args": {"num_cpus": 2, "include_dashboard": False}})
+  state, history, federation, events = results["run"]
+  assert events == [] and history["online"].all()
+  assert [n.num_examples for n in federation.nodes] == [199, 172, 30, 85]
+  got = [np.asarray(a) for a in jax.tree_util.tree_leaves(state.params)]
+  for a, b in zip(got, _simulated("scaffold", 3)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.flower_processes
+def test_superlink_and_four_supernodes_as_processes(tmp_path):
+  out = tmp_path / "out"
+  # Flower starts a ClientApp process per message: JAX's persistent compilation cache
+  # lets rounds 2 and 3 skip compiling the client update (about 20% of the run here).
+  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  with launch.local_federation(4, str(tmp_path / "flower"), env=cache) as federation:
+    federation.run(APP_DIR, {"algorithm": "scaffold", "num-rounds": 3, "seed": RUN_KEY_SEED,
+                             "out-dir": str(out), "timeout": 120.0}, timeout=170)
+    assert all(p.poll() is None for p in federation.processes)   # all still up
+  assert all(p.poll() is not None for p in federation.processes)  # all stopped
+  params = np.load(out / "params.npz")
+  for i, want in enumerate(_simulated("scaffold", 3)):
+    np.testing.assert_allclose(params[f"leaf_{i}"], want, rtol=0, atol=1e-6)
+  history = json.load(open(out / "history.json"))
+  assert history["sites"] == list(app.SITES)
+  assert history["metrics"]["online"] == [[True] * 4] * 3
+  assert history["metrics"]["uplink_bytes"][0] == [14 * 4 * 2 + 3 * 4] * 4   # Delta_k, dc_k; n_k, steps, loss
+  results = json.load(open(out / "results.json"))
+  assert {r["site"] for r in results} == {*app.SITES, "mean"}
+
+
+class _Grid:
+  """A stand-in for Flower's Grid with too few nodes connected."""
+
+  def __init__(self, nodes):
+    self.nodes = nodes
+
+  def get_node_ids(self):
+    return list(self.nodes)
+
+
+def test_flower_transport_waits_for_k_nodes_then_names_the_shortfall():
+  transport = deploy_flower.FlowerTransport(_Grid([1, 2]), 4, wait_seconds=0.3)
+  with pytest.raises(fm.deploy.DeploymentError, match="2 of 4 nodes connected within 0.3 s"):
+    transport.census()
