@@ -88,11 +88,13 @@ class FlowerTransport:
   """
 
   def __init__(self, grid, num_sites: int, *, wait_seconds: float = 120.0,
-               query_timeout: float | None = 120.0):
+               query_timeout: float | None = 120.0, secure=None, context=None):
     self.grid = grid
     self.num_sites = num_sites
     self.wait_seconds = wait_seconds
     self.query_timeout = query_timeout
+    self.secure = secure        # a `secagg.SecAggPlus`: rounds run Flower's SecAgg+
+    self.context = context      # the ServerApp's context (SecAgg+'s workflow needs it)
 
   def _nodes(self) -> list:
     deadline = time.monotonic() + self.wait_seconds
@@ -142,6 +144,14 @@ class FlowerTransport:
     return out
 
 
+  def train_secure(self, requests: dict, timeout: float | None, round_index: int,
+                   max_weight: float):
+    """One round's exchange as Flower's SecAgg+ (`fedjax_med.deploy.secagg`)."""
+    from fedjax_med.deploy import secagg  # pylint: disable=import-outside-toplevel
+    return secagg.secure_exchange(self.grid, self.context, self.secure, requests, round_index,
+                                  max_weight, timeout)
+
+
 def resolve_task(task, run_config) -> DeployTask:
   """`task`, or `task(run_config)` when it is a factory (an app whose run config
   chooses the algorithm: the server and every node build the same task from
@@ -158,9 +168,14 @@ def resolve_task(task, run_config) -> DeployTask:
                   f" run_config -> DeployTask, got {type(task).__name__}")
 
 
-def client_app(task):
+def client_app(task, *, secure_aggregation: bool = False, clipping_range: float = 8.0):
   """The `flwr.clientapp.ClientApp` of `task` (a `DeployTask`, or a function
-  `run_config -> DeployTask`): one site's client update per message."""
+  `run_config -> DeployTask`): one site's client update per message.
+
+  secure_aggregation: answer through Flower's `secaggplus_mod` (the server must
+    run `server_app(..., secure_aggregation=SecAggPlus(...))` with the same
+    `clipping_range`); the node then sends only its masked update.
+  """
   require_flwr()
   from flwr.app import ConfigRecord, Message, RecordDict  # pylint: disable=import-outside-toplevel
   from flwr.clientapp import ClientApp  # pylint: disable=import-outside-toplevel
@@ -181,17 +196,37 @@ def client_app(task):
     return Message(RecordDict({"census": ConfigRecord(worker(context).census())}),
                    reply_to=msg)
 
-  @app.train()
-  def train(msg: Message, context) -> Message:
+  def run_site(context, arrays, config):
     w = worker(context)
     stored = context.state.get(STATE_KEY)
     stored = _from_record(stored) if stored is not None else None
-    reply, config, new_state = w.train(_from_record(msg.content["arrays"]),
-                                       dict(msg.content["config"]), stored)
+    reply, reply_config, new_state = w.train(arrays, config, stored)
     if new_state:
       context.state[STATE_KEY] = _to_record(new_state)
-    return Message(RecordDict({"arrays": _to_record(reply), "config": ConfigRecord(config)}),
-                   reply_to=msg)
+    return reply, reply_config
+
+  if not secure_aggregation:
+    @app.train()
+    def train(msg: Message, context) -> Message:
+      reply, config = run_site(context, _from_record(msg.content["arrays"]),
+                               dict(msg.content["config"]))
+      return Message(RecordDict({"arrays": _to_record(reply), "config": ConfigRecord(config)}),
+                     reply_to=msg)
+  else:
+    from flwr.client.mod import secaggplus_mod  # pylint: disable=import-outside-toplevel
+    from flwr.common import parameters_to_ndarrays  # pylint: disable=import-outside-toplevel
+    from flwr.compat.common import recorddict_compat as compat  # pylint: disable=import-outside-toplevel
+    from fedjax_med.deploy import secagg  # pylint: disable=import-outside-toplevel
+
+    @app.train(mods=[secaggplus_mod])
+    def train(msg: Message, context) -> Message:   # called by the mod with the FitIns
+      fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+      config = dict(fitins.config)
+      names = str(config.pop(secagg.NAMES_KEY)).split("|")
+      arrays = dict(zip(names, parameters_to_ndarrays(fitins.parameters)))
+      reply, _ = run_site(context, arrays, config)
+      fitres = secagg.node_secure_reply(reply, config, clipping_range)
+      return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
   return app
 
@@ -199,7 +234,7 @@ def client_app(task):
 def server_app(task, *, num_rounds: int = 10, seed: int = 0,
                out_dir: str | None = None, timeout: float | None = None,
                invalid_updates: str = "auto", wait_seconds: float = 120.0,
-               checkpoint_dir=None, audit=None, on_done=None):
+               checkpoint_dir=None, audit=None, on_done=None, secure_aggregation=None):
   """The `flwr.serverapp.ServerApp` of `task` (a `DeployTask`, or a function
   `run_config -> DeployTask`): the census, then `num_rounds`
   rounds with run key `PRNGKey(seed)` (round r: `fold_in(run_key, r)`, as
@@ -209,6 +244,10 @@ def server_app(task, *, num_rounds: int = 10, seed: int = 0,
   --run-config`) overrides `num-rounds`, `seed`, `out-dir` and `timeout`
   (seconds; 0 = wait forever). `on_done(state, history, federation, events)`
   is called at the end (e.g. to keep the result in a test).
+  `secure_aggregation`: a `fedjax_med.deploy.secagg.SecAggPlus`: every round's
+  exchange runs Flower's SecAgg+ (the nodes' `client_app` needs
+  `secure_aggregation=True`); for algorithms whose aggregation is a weighted
+  sum (`fedjax_med.deploy.secagg` says which and what the server learns).
   """
   require_flwr()
   from flwr.serverapp import ServerApp  # pylint: disable=import-outside-toplevel
@@ -224,7 +263,8 @@ def server_app(task, *, num_rounds: int = 10, seed: int = 0,
     wait = config.get("timeout", timeout)
     wait = None if wait in (None, 0, 0.0) else float(wait)
     t = resolve_task(task, context.run_config)
-    transport = FlowerTransport(grid, t.num_sites, wait_seconds=wait_seconds)
+    transport = FlowerTransport(grid, t.num_sites, wait_seconds=wait_seconds,
+                                secure=secure_aggregation, context=context)
     result = run_federation(t, transport, rounds, jax.random.PRNGKey(run_seed),
                             out_dir=out, timeout=wait, invalid_updates=invalid_updates,
                             checkpoint_dir=checkpoint_dir, audit=audit)

@@ -166,9 +166,12 @@ def _begin(config, state, census, key):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _finish(config, state, plan, population_num_examples, online, updates, values):
+def _finish(config, state, plan, population_num_examples, online, updates, values,
+            aggregate=None):
   """`kit_round`'s server half on the C members' updates `[C, ...]`; `online [C]`
-  bool: which members answered with a valid update (the others count as offline)."""
+  bool: which members answered with a valid update (the others count as offline).
+  With `aggregate` (secure aggregation: the weighted mean is all the server
+  learns), `updates` is None and the aggregator is not run."""
   cohort = plan.cohort
   online_f = online.astype(jnp.float32)
   cohort_weights = cohort.weights * online_f
@@ -183,8 +186,11 @@ def _finish(config, state, plan, population_num_examples, online, updates, value
     weights = config.client_weights(
         server_context(config, state, plan, population, cohort_weights, cohort_weights),
         values).astype(jnp.float32) * online_f
-  update, aggregator_state, agg_metrics = config.aggregator.aggregate(
-      updates, weights, state.aggregator_state, plan.server_key, context)
+  if aggregate is None:
+    update, aggregator_state, agg_metrics = config.aggregator.aggregate(
+        updates, weights, state.aggregator_state, plan.server_key, context)
+  else:
+    update, aggregator_state, agg_metrics = aggregate, state.aggregator_state, {}
   update = chunking.scaled_aggregate(update, context)
   return finish_round(config, state, plan, population, cohort_weights, weights, update,
                       plan.cohort.client_states, values, aggregator_state, agg_metrics)
@@ -217,7 +223,7 @@ class DeployedRound:
 
   Round metrics: the simulator's, plus `online` `[C]` (which members answered
   with a valid update), `downlink_bytes` / `uplink_bytes` `[C]` (array payload
-  per member), `server_seconds` and `client_seconds` (wall time of the server's
+  per member; 0 under SecAgg+, whose messages Flower's workflow sends), `server_seconds` and `client_seconds` (wall time of the server's
   two halves, and of the exchange with the nodes).
   """
 
@@ -264,6 +270,10 @@ class DeployedRound:
       requests[node] = ({**shared, "key/0": keys[c]},
                         {"pad_to": federation.max_examples, "round": round_index,
                          "site": int(pos), "typed_key": int(wire.is_typed_key(plan.keys))})
+    secure = getattr(self.transport, "secure", None) is not None
+    if secure:
+      return self._secure_round(state, federation, plan, requests, member_of, positions,
+                                update_t, values_t, round_index, t0)
     t1 = time.perf_counter()
     replies = self.transport.train(requests, self.timeout)
     t2 = time.perf_counter()
@@ -316,6 +326,72 @@ class DeployedRound:
     new_state = new_state._replace(client_states=state.client_states)
     t3 = time.perf_counter()
     metrics = {**metrics, "online": online, "downlink_bytes": down, "uplink_bytes": up,
+               "server_seconds": np.float64((t1 - t0) + (t3 - t2)),
+               "client_seconds": np.float64(t2 - t1)}
+    return new_state, metrics
+
+
+  def _secure_round(self, state, federation, plan, requests, member_of, positions, update_t,
+                    values_t, round_index, t0):
+    """The round's exchange as Flower's SecAgg+: the server learns the weighted mean
+    of the updates and each node's scalar values, not the updates
+    (`fedjax_med.deploy.secagg`)."""
+    import time  # pylint: disable=import-outside-toplevel
+    from fedjax_med.deploy import secagg  # pylint: disable=import-outside-toplevel
+    if not getattr(self, "_secure_checked", False):
+      secagg.check_secure_aggregation(self.config, values_t)
+      self._secure_checked = True
+    weights = np.asarray(plan.cohort.weights, np.float64)
+    for node, members in member_of.items():
+      w = weights[members[0]] * len(members)
+      if abs(w - round(w)) > 1e-6:
+        raise DeploymentError(f"secure aggregation needs integer weights; site"
+                              f" {int(positions[members[0]])} has weight {w}")
+      requests[node][1]["weight"] = int(round(w))
+    active = {node: members for node, members in member_of.items()
+              if requests[node][1]["weight"] > 0}
+    t1 = time.perf_counter()
+    aggregate, results = self.transport.train_secure(
+        {node: requests[node] for node in active}, self.timeout, round_index,
+        max_weight=max([requests[n][1]["weight"] for n in active], default=1))
+    t2 = time.perf_counter()
+    num = len(positions)
+    online = np.zeros(num, bool)
+    value_leaves = [np.zeros((num,) + v.shape, v.dtype)
+                    for v in jax.tree_util.tree_leaves(values_t)]
+    for node, members in member_of.items():
+      site = int(positions[members[0]])
+      if node not in results:
+        if node in active:
+          self._event("offline", round_index, node, site, "no masked update in the SecAgg+"
+                      " exchange")
+        continue
+      _, metrics = results[node]
+      online[members] = aggregate is not None
+      for i, out in enumerate(value_leaves):
+        out[members] = metrics.get(f"values/{i}", 0.0)
+    if aggregate is None:
+      for node, members in active.items():
+        self._event("offline", round_index, node, int(positions[members[0]]),
+                    "the SecAgg+ exchange halted (too few nodes for the threshold)")
+      update = jax.tree_util.tree_map(lambda t: jnp.zeros(t.shape, t.dtype), update_t)
+    else:
+      leaves = jax.tree_util.tree_leaves(update_t)
+      if len(aggregate) != len(leaves):
+        raise DeploymentError(f"SecAgg+ returned {len(aggregate)} arrays for {len(leaves)}"
+                              " update leaves")
+      update = jax.tree_util.tree_unflatten(
+          jax.tree_util.tree_structure(update_t),
+          [jnp.asarray(np.asarray(a).reshape(t.shape), t.dtype)
+           for a, t in zip(aggregate, leaves)])
+    values = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(values_t),
+                                          value_leaves)
+    new_state, metrics = _finish(self.config, state, plan, federation.census.num_examples,
+                                 jnp.asarray(online), None, values, update)
+    new_state = new_state._replace(client_states=state.client_states)
+    t3 = time.perf_counter()
+    zeros = np.zeros(num, np.int64)
+    metrics = {**metrics, "online": online, "downlink_bytes": zeros, "uplink_bytes": zeros,
                "server_seconds": np.float64((t1 - t0) + (t3 - t2)),
                "client_seconds": np.float64(t2 - t1)}
     return new_state, metrics
