@@ -268,3 +268,17 @@ def test_heart_disease_site_selector():
     fm.datasets.heart_disease(site=4)
   with pytest.raises(fm.OptionError, match="needs standardize='site' or 'none'"):
     fm.datasets.heart_disease(standardize="pooled", site=0)
+
+
+def test_private_seed_changes_the_draws_but_not_the_protocol(heart):
+  """A node's secret seed folds into its key: the run still works, but its batches
+  (and any noise it adds) are no longer the ones the server's key implies."""
+  task = app.make_task({"algorithm": "fedavg"})
+  plain = fm.deploy.InProcessTransport(task)
+  private = fm.deploy.InProcessTransport(task)
+  for worker in private.workers.values():
+    worker.private_seed = 12345
+  a = fm.deploy.run_federation(task, plain, 2, RUN_KEY)[0]
+  b = fm.deploy.run_federation(task, private, 2, RUN_KEY)[0]
+  assert _max_diff(a.params, b.params) > 1e-6
+  assert np.all(np.isfinite(_leaves(b.params)[0]))

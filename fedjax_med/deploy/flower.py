@@ -42,6 +42,7 @@ from fedjax_med.deploy.task import DeployTask, run_federation
 
 MIN_FLWR = (1, 42)
 STATE_KEY = "fedjax_med.client_state"
+SEED_KEY = "fedjax_med.private_seed"
 
 
 def require_flwr():
@@ -168,13 +169,19 @@ def resolve_task(task, run_config) -> DeployTask:
                   f" run_config -> DeployTask, got {type(task).__name__}")
 
 
-def client_app(task, *, secure_aggregation: bool = False, clipping_range: float = 8.0):
+def client_app(task, *, secure_aggregation: bool = False, clipping_range: float = 8.0,
+               private_randomness: bool = False):
   """The `flwr.clientapp.ClientApp` of `task` (a `DeployTask`, or a function
   `run_config -> DeployTask`): one site's client update per message.
 
   secure_aggregation: answer through Flower's `secaggplus_mod` (the server must
     run `server_app(..., secure_aggregation=SecAggPlus(...))` with the same
     `clipping_range`); the node then sends only its masked update.
+  private_randomness: the node draws a secret seed (`secrets.randbits`, stored in
+    its SuperNode context) and folds it into every client key, so the server
+    cannot know its randomness (needed when the node adds DP noise itself,
+    e.g. patient-level DP-SGD); the run then no longer reproduces the
+    simulator's random draws. Default False: the simulator's keys, exactly.
   """
   require_flwr()
   from flwr.app import ConfigRecord, Message, RecordDict  # pylint: disable=import-outside-toplevel
@@ -183,12 +190,22 @@ def client_app(task, *, secure_aggregation: bool = False, clipping_range: float 
   app = ClientApp()
   workers: dict[tuple, SiteWorker] = {}   # per process (Flower may start one per message)
 
+  def private_seed(context) -> int | None:
+    if not private_randomness:
+      return None
+    from flwr.app import ConfigRecord as Record  # pylint: disable=import-outside-toplevel
+    if SEED_KEY not in context.state:
+      import secrets  # pylint: disable=import-outside-toplevel
+      context.state[SEED_KEY] = Record({"seed": secrets.randbits(31)})
+    return int(context.state[SEED_KEY]["seed"])
+
   def worker(context) -> SiteWorker:
     site = node_site(context)
     key = (site, tuple(sorted((k, str(v)) for k, v in dict(context.run_config).items())))
     if key not in workers:
       t = resolve_task(task, context.run_config)
       workers[key] = SiteWorker(t.algorithm, t.init_params(), t.load_site(site), site)
+    workers[key].private_seed = private_seed(context)
     return workers[key]
 
   @app.query()

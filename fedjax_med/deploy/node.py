@@ -86,10 +86,19 @@ class SiteWorker:
     params: the initial model (its structure is the template of every message).
     data: this site's rows, `(x [n, ...], y [n, ...])` or a K = 1 FederatedData.
     site: the site's index among the K sites (its id in the simulator).
+    private_seed: None (default): the node uses the client key the server sends,
+      fold_in(round_key, site_id), so the run reproduces the simulator exactly.
+      An integer (e.g. from `secrets.randbits(31)`, kept on the node): the key
+      is further folded with it, so the server cannot know the node's
+      randomness. Use it whenever the node adds privacy noise itself
+      (patient-level DP-SGD, `fm.privacy.dp_sgd`): with the server's key, the
+      server could recompute and subtract that noise.
   """
 
-  def __init__(self, algorithm: FederatedAlgorithm, params: Any, data: Any, site: int):
+  def __init__(self, algorithm: FederatedAlgorithm, params: Any, data: Any, site: int,
+               private_seed: int | None = None):
     self.config = kit_config(algorithm)
+    self.private_seed = private_seed
     self.name = algorithm.name
     self.site = int(site)
     self.data = as_site_data(data, f"site_{self.site}")
@@ -147,6 +156,8 @@ class SiteWorker:
     key = jnp.asarray(arrays["key/0"])
     if config.get("typed_key"):
       key = jax.random.wrap_key_data(key)
+    if self.private_seed is not None:
+      key = jax.random.fold_in(key, self.private_seed)
     client_state = self.initial_client_state
     if stored_state:
       client_state = wire.unflatten("client_state", stored_state, client_state,
