@@ -19,7 +19,7 @@ CONFIG = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
 DOCS_DIR = ROOT / CONFIG["docs_dir"]
 # The layers, bottom to top (README "Layers", fedjax_med/__init__.py).
 LAYER_PACKAGES = ("core", "models", "losses", "metrics", "aggregators", "data", "privacy",
-                  "algorithms", "training")
+                  "algorithms", "training", "deploy")
 DIRECTIVE = re.compile(r"^::: *([\w.]+) *$", re.MULTILINE)
 
 
