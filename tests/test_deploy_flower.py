@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import pytest
 
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")   # CI is offline; so are hospitals
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 flwr = pytest.importorskip("flwr")
 
 import fedjax_med as fm  # noqa: E402

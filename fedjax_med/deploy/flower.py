@@ -30,6 +30,7 @@ sets). The node loads its rows with `task.load_site(site)`.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -46,7 +47,15 @@ SEED_KEY = "fedjax_med.private_seed"
 
 
 def require_flwr():
-  """Imports flwr, or raises an ImportError that says how to install it."""
+  """Imports flwr, or raises an ImportError that says how to install it.
+
+  Flower sends usage telemetry (telemetry.flower.ai) and checks PyPI for updates
+  unless told not to; for hospital nodes both are off here unless the
+  environment already sets `FLWR_TELEMETRY_ENABLED` / `FLWR_DISABLE_UPDATE_CHECK`
+  (it takes effect when flwr is first imported by this function).
+  """
+  os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+  os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
   try:
     import flwr  # pylint: disable=import-outside-toplevel
   except ImportError as e:

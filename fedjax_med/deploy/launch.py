@@ -124,7 +124,9 @@ def local_federation(num_sites: int, workdir: str, *, node_config: dict | None =
   with open(os.path.join(home, "config.toml"), "w") as f:
     f.write('[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
             f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-  full_env = {**os.environ, **(env or {}), "FLWR_HOME": home,
+  # No telemetry (telemetry.flower.ai) and no update check from any process.
+  full_env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              **(env or {}), "FLWR_HOME": home,
               "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
   processes = []
 
