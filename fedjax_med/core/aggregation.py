@@ -61,10 +61,14 @@ class Aggregator(NamedTuple):
   aggregate(updates, weights, state, key, context) -> (update, state, metrics):
     updates has a leading C axis on every leaf; weights is `[C]` float32;
     context an `AggregationContext`.
+  links: for a `chain`, its links (transforms, then the reducer), so that a
+    deployment can run a link on the nodes and the rest on the server
+    (`run_chain_from`); () otherwise.
   """
   init: Callable[..., Any]
   aggregate: Callable[[Any, jax.Array, Any, jax.Array, AggregationContext],
                       tuple[Any, Any, dict]]
+  links: tuple = ()
 
 
 class ClientTransform(NamedTuple):
@@ -72,10 +76,15 @@ class ClientTransform(NamedTuple):
 
   init(update_template, num_sites=None) -> state
   apply(updates, weights, state, key, context) -> (updates, weights, state, metrics)
+  compressor: for an uplink codec (`fm.aggregators.compression.uplink`), its
+    `Compressor`: row k is encoded with key fold_in(link_key, position_k) and
+    decoded, so a deployment can encode on the node and decode on the server
+    (only the payload crosses the network); None for other links.
   """
   init: Callable[..., Any]
   apply: Callable[[Any, jax.Array, Any, jax.Array, AggregationContext],
                   tuple[Any, jax.Array, Any, dict]]
+  compressor: Any = None
 
 
 def client_weights(num_examples: jax.Array, weighting: str) -> jax.Array:
@@ -153,18 +162,41 @@ def chain(*links: Any) -> Aggregator:
         reducer.init(update_template, num_sites),)
 
   def aggregate(updates, weights, state, key, context):
-    keys = jax.random.split(key, len(links))
-    new_state, metrics = [], {}
-    for i, t in enumerate(transforms):
-      updates, weights, s, m = t.apply(updates, weights, state[i], keys[i], context)
-      new_state.append(s)
-      _merge(metrics, m, i)
-    update, s, m = reducer.aggregate(updates, weights, state[-1], keys[-1], context)
-    new_state.append(s)
-    _merge(metrics, m, len(transforms))
-    return update, tuple(new_state), metrics
+    return _run_links(links, 0, updates, weights, state, key, context)
 
-  return Aggregator(init, aggregate)
+  return Aggregator(init, aggregate, tuple(links))
+
+
+def link_keys(key: jax.Array, num_links: int) -> jax.Array:
+  """The keys a `chain` of `num_links` links gives its links (one each)."""
+  return jax.random.split(key, num_links)
+
+
+def _run_links(links, start, updates, weights, state, key, context):
+  *transforms, reducer = links
+  keys = link_keys(key, len(links))
+  new_state, metrics = list(state[:start]), {}
+  for i, t in enumerate(transforms):
+    if i < start:
+      continue
+    updates, weights, s, m = t.apply(updates, weights, state[i], keys[i], context)
+    new_state.append(s)
+    _merge(metrics, m, i)
+  update, s, m = reducer.aggregate(updates, weights, state[-1], keys[-1], context)
+  new_state.append(s)
+  _merge(metrics, m, len(transforms))
+  return update, tuple(new_state), metrics
+
+
+def run_chain_from(aggregator: Aggregator, start: int, updates, weights, state, key,
+                   context):
+  """`aggregator` (a `chain`) with its links before `start` taken as already
+  applied to `updates` (e.g. an uplink codec run on the nodes of a deployment):
+  the links from `start` on get the keys and states the whole chain gives
+  them; the states of the skipped links are returned unchanged."""
+  if not aggregator.links:
+    raise ValueError("run_chain_from: the aggregator is not a chain")
+  return _run_links(aggregator.links, start, updates, weights, state, key, context)
 
 
 def _merge(metrics: dict, new: dict, position: int) -> None:
@@ -172,6 +204,7 @@ def _merge(metrics: dict, new: dict, position: int) -> None:
     metrics[f"{position}/{name}" if name in metrics else name] = value
 
 
-__all__ = ["Aggregator", "AggregationContext", "ClientTransform", "WEIGHTINGS",
+__all__ = ["Aggregator", "AggregationContext", "ClientTransform", "WEIGHTINGS", "link_keys",
+           "run_chain_from",
            "full_context", "client_weights",
            "normalized", "weighted_sum", "weighted_mean", "chain"]

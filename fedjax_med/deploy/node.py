@@ -36,6 +36,27 @@ from fedjax_med.core.kit import ClientContext, ClientData, client_step
 from fedjax_med.deploy import wire
 
 
+def node_codec(config):
+  """The uplink `Compressor` a node applies itself, or None.
+
+  When the aggregator is a chain whose FIRST link is an uplink codec
+  (`fm.aggregators.compression.uplink`, e.g. from `communication(...)`), the
+  node encodes its update (keeping an error-feedback residual, if any, as part
+  of its state) and only the payload crosses the network; the server decodes it
+  and runs the rest of the chain. A codec elsewhere in the chain runs on the
+  server, after the links before it.
+  """
+  links = getattr(config.aggregator, "links", ())
+  if len(links) > 1 and getattr(links[0], "compressor", None) is not None:
+    return links[0].compressor
+  return None
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_jit(compressor, update, codec_state, key):
+  return compressor.encode(update, codec_state, key)
+
+
 def kit_config(algorithm: FederatedAlgorithm):
   """The algorithm's `KitConfig`; raises for rounds the deployment cannot split."""
   if not isinstance(algorithm, FederatedAlgorithm):
@@ -108,6 +129,10 @@ class SiteWorker:
     self.template = initial_state_template(algorithm, params)
     self.initial_client_state = jax.tree_util.tree_map(
         lambda a: a[0], self.template.client_states)
+    self.codec = node_codec(self.config)
+    if self.codec is not None:
+      from fedjax_med.aggregators.compression.base import shapes_of  # pylint: disable=import-outside-toplevel
+      self.initial_codec_state = self.codec.init(shapes_of(self.template.params))
     self._padded = {}
 
   # -- census ------------------------------------------------------------------
@@ -166,8 +191,23 @@ class SiteWorker:
     update, (new_state, values) = _client_step_jit(
         self.config, hparams, client_hparams, algorithm_state, round_, params, client_state,
         data, key)
-    reply = {**wire.flatten("update", update), **wire.flatten("values", values)}
-    return reply, {"site": self.site}, wire.flatten("client_state", new_state)
+    stored_out = wire.flatten("client_state", new_state)
+    if config.get("uplink"):
+      # Encode here: only the payload leaves the node; its residual stays here
+      # (unchanged for a node without rows, as the simulator's link keeps it).
+      codec_state = self.initial_codec_state
+      if stored_state and any(k.startswith("codec/") for k in stored_state):
+        codec_state = wire.unflatten("codec", stored_state, codec_state,
+                                     sender=f"the node's store (site {self.site})")
+      payload, new_codec = _encode_jit(self.codec, update, codec_state,
+                                       jnp.asarray(arrays["uplink_key/0"]))
+      if int(np.asarray(values["num_examples"])) == 0:
+        new_codec = codec_state
+      reply = {**wire.flatten("payload", payload), **wire.flatten("values", values)}
+      stored_out.update(wire.flatten("codec", new_codec))
+    else:
+      reply = {**wire.flatten("update", update), **wire.flatten("values", values)}
+    return reply, {"site": self.site}, stored_out
 
 
-__all__ = ["SiteWorker", "kit_config", "as_site_data", "initial_state_template"]
+__all__ = ["SiteWorker", "kit_config", "as_site_data", "initial_state_template", "node_codec"]

@@ -50,7 +50,7 @@ from fedjax_med.core.kit import (ClientContext, ClientData, begin_round, client_
                                  finish_round, server_context)
 from fedjax_med.core.options import OptionError, check_choice
 from fedjax_med.deploy import wire
-from fedjax_med.deploy.node import initial_state_template, kit_config
+from fedjax_med.deploy.node import kit_config, node_codec
 
 log = logging.getLogger("fedjax_med.deploy")
 
@@ -165,13 +165,15 @@ def _begin(config, state, census, key):
   return begin_round(config, state, census, key)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 8))
 def _finish(config, state, plan, population_num_examples, online, updates, values,
-            aggregate=None):
+            aggregate=None, start_link=0):
   """`kit_round`'s server half on the C members' updates `[C, ...]`; `online [C]`
   bool: which members answered with a valid update (the others count as offline).
   With `aggregate` (secure aggregation: the weighted mean is all the server
-  learns), `updates` is None and the aggregator is not run."""
+  learns), `updates` is None and the aggregator is not run. `start_link` > 0: the
+  chain's first links already ran on the nodes (an uplink codec): `updates` are
+  the decoded updates and the chain runs from there."""
   cohort = plan.cohort
   online_f = online.astype(jnp.float32)
   cohort_weights = cohort.weights * online_f
@@ -186,7 +188,11 @@ def _finish(config, state, plan, population_num_examples, online, updates, value
     weights = config.client_weights(
         server_context(config, state, plan, population, cohort_weights, cohort_weights),
         values).astype(jnp.float32) * online_f
-  if aggregate is None:
+  if aggregate is None and start_link:
+    update, aggregator_state, agg_metrics = agg.run_chain_from(
+        config.aggregator, start_link, updates, weights, state.aggregator_state,
+        plan.server_key, context)
+  elif aggregate is None:
     update, aggregator_state, agg_metrics = config.aggregator.aggregate(
         updates, weights, state.aggregator_state, plan.server_key, context)
   else:
@@ -194,6 +200,11 @@ def _finish(config, state, plan, population_num_examples, online, updates, value
   update = chunking.scaled_aggregate(update, context)
   return finish_round(config, state, plan, population, cohort_weights, weights, update,
                       plan.cohort.client_states, values, aggregator_state, agg_metrics)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(compressor, payload, template):
+  return compressor.decode(payload, template)
 
 
 def client_templates(algorithm: FederatedAlgorithm, state, federation: Federation):
@@ -238,6 +249,7 @@ class DeployedRound:
       invalid_updates = "raise" if self.config.aggregator is agg.weighted_mean() else "drop"
     self.invalid_updates = invalid_updates
     self._templates = None
+    self.codec = node_codec(self.config)
     self.events: list[dict] = []    # failures and rejections, in order
 
   def _event(self, kind: str, round_index: int, node, site: int, why: str) -> None:
@@ -251,6 +263,11 @@ class DeployedRound:
     if self._templates is None:
       self._templates = client_templates(self.algorithm, state, federation)
     update_t, values_t = self._templates
+    codec = self.codec if getattr(self.transport, "secure", None) is None else None
+    if codec is not None and not hasattr(self, "_payload_t"):
+      self._payload_t = jax.eval_shape(
+          lambda u, k: codec.encode(u, codec.init(u), k)[0], update_t,
+          jax.random.PRNGKey(0))
     plan = _begin(self.config, state, federation.census, key)
     round_index = int(state.round)
     positions = np.asarray(plan.positions)
@@ -261,6 +278,8 @@ class DeployedRound:
               **wire.flatten("algorithm_state", state.algorithm_state),
               **wire.flatten("round", state.round)}
     requests, member_of = {}, {}
+    if codec is not None:
+      uplink_keys = np.asarray(_uplink_keys(self.config, plan))
     for c, pos in enumerate(positions):
       node = federation.nodes[int(pos)].node
       if node in member_of:      # sampled twice (sampling with replacement): one request
@@ -270,6 +289,9 @@ class DeployedRound:
       requests[node] = ({**shared, "key/0": keys[c]},
                         {"pad_to": federation.max_examples, "round": round_index,
                          "site": int(pos), "typed_key": int(wire.is_typed_key(plan.keys))})
+      if codec is not None:
+        requests[node][0]["uplink_key/0"] = uplink_keys[c]
+        requests[node][1]["uplink"] = 1
     secure = getattr(self.transport, "secure", None) is not None
     if secure:
       return self._secure_round(state, federation, plan, requests, member_of, positions,
@@ -298,10 +320,17 @@ class DeployedRound:
         continue
       sender = f"node {node} (site {site})"
       try:
-        update = wire.unflatten("update", reply.arrays, update_t, sender=sender)
+        if codec is not None:
+          payload = wire.unflatten("payload", reply.arrays, self._payload_t, sender=sender)
+          update = _decode(codec, payload, update_t)
+          if wire.all_finite(wire.flatten("update", update)):
+            raise wire.MalformedMessage(f"{sender} sent a payload that decodes to non-finite"
+                                        " values")
+        else:
+          update = wire.unflatten("update", reply.arrays, update_t, sender=sender)
         values = wire.unflatten("values", reply.arrays, values_t, sender=sender)
         bad = wire.all_finite({k: v for k, v in reply.arrays.items()
-                               if k.startswith(("update/", "values/"))})
+                               if k.startswith(("update/", "values/", "payload/"))})
         if bad:
           raise wire.MalformedMessage(f"{sender} sent non-finite values in {bad[:4]}")
       except wire.MalformedMessage as e:
@@ -322,7 +351,8 @@ class DeployedRound:
     values = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(values_t),
                                           value_leaves)
     new_state, metrics = _finish(self.config, state, plan, federation.census.num_examples,
-                                 jnp.asarray(online), updates, values)
+                                 jnp.asarray(online), updates, values, None,
+                                 1 if codec is not None else 0)
     new_state = new_state._replace(client_states=state.client_states)
     t3 = time.perf_counter()
     metrics = {**metrics, "online": online, "downlink_bytes": down, "uplink_bytes": up,
@@ -395,6 +425,13 @@ class DeployedRound:
                "server_seconds": np.float64((t1 - t0) + (t3 - t2)),
                "client_seconds": np.float64(t2 - t1)}
     return new_state, metrics
+
+
+def _uplink_keys(config, plan):
+  """`[C]` row keys of the chain's first link, fold_in(link_key_0, position_k): what
+  the simulator's uplink link uses for row k."""
+  key = agg.link_keys(plan.server_key, len(config.aggregator.links))[0]
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, plan.positions)
 
 
 def deployed_algorithm(algorithm: FederatedAlgorithm, transport: Transport, **options

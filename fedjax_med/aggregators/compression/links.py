@@ -155,7 +155,7 @@ def uplink(compressor: Compressor, *, downlink: Compressor | None = None,
         metrics[payload_metric_name(path)] = leaf
     return decoded, weights, state, metrics
 
-  return agg.ClientTransform(init, apply)
+  return agg.ClientTransform(init, apply, compressor)
 
 
 def downlink(compressor: Compressor) -> Callable[[Any, jax.Array], tuple[Any, dict]]:
