@@ -19,7 +19,7 @@ simulator's, the wall time per round, and the bytes on the wire per round
 
     python experiments/heart_disease_flower.py                  # all runtimes, 3 rounds
     python experiments/heart_disease_flower.py --runtimes simulator,in-process --rounds 5
-    python experiments/heart_disease_flower.py --kill-node       # + a SuperNode dies mid-run
+    python experiments/heart_disease_flower.py --kill-node       # + a SuperNode dies
 
 Outputs in --out: results.json (one record per algorithm and runtime) and table.md.
 """
@@ -109,8 +109,9 @@ def _processes(federation, name, rounds, seed, work):
 
 
 def _kill_node_demo(work, rounds, seed) -> dict:
-  """SuperNode 2 is killed after the first round: the next round waits `timeout`
-  seconds for it, logs it offline and goes on with the other three."""
+  """SuperNode 2 (site 2) is killed once it has answered the census: every round
+  then waits `timeout` (20 s) for it, logs it offline and goes on with the other
+  three hospitals."""
   import threading  # pylint: disable=import-outside-toplevel
   from fedjax_med.deploy import launch  # pylint: disable=import-outside-toplevel
   out = os.path.join(work, "out_kill")
@@ -124,7 +125,7 @@ def _kill_node_demo(work, rounds, seed) -> dict:
       while True:
         time.sleep(0.5)
         text = open(path).read() if os.path.exists(path) else ""
-        if text.count("Push replies from node_id") >= 8:   # census + round 0 replies
+        if text.count("Push replies from node_id") >= 8:   # the census replies
           os.killpg(victim.pid, 9)
           return
 
