@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import jax
 import numpy as np

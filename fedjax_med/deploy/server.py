@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ from fedjax_med.core import chunking
 from fedjax_med.core.algorithm import FederatedAlgorithm
 from fedjax_med.core.kit import (ClientContext, ClientData, begin_round, client_step,
                                  finish_round, server_context)
-from fedjax_med.core.options import OptionError, check_choice
+from fedjax_med.core.options import check_choice
 from fedjax_med.deploy import wire
 from fedjax_med.deploy.node import kit_config, node_codec
 
