@@ -264,8 +264,10 @@ def test_heart_disease_site_selector():
       np.testing.assert_array_equal(ox, x)
       np.testing.assert_array_equal(oy, y)
     assert int(fm.datasets.heart_disease(site=k)[0].site_ids[0]) == k
-  with pytest.raises(fm.OptionError, match="site must be 0-3"):
+  with pytest.raises(ValueError, match="site must be 0-3"):
     fm.datasets.heart_disease(site=4)
+  with pytest.raises(ValueError, match="site must be 0-3"):
+    fm.datasets.heart_disease(site="mayo")
   with pytest.raises(fm.OptionError, match="needs standardize='site' or 'none'"):
     fm.datasets.heart_disease(standardize="pooled", site=0)
 
@@ -352,3 +354,15 @@ def test_deployed_run_checkpoints_and_resumes_like_a_simulated_one(heart, tmp_pa
   assert int(resumed.round) == 4 and len(history["online"]) == 4
   assert _max_diff(whole.params, resumed.params) == 0.0
   assert _max_diff(whole.server_opt_state, resumed.server_opt_state) == 0.0
+
+
+def test_tcga_brca_site_selector():
+  train, test = fm.datasets.tcga_brca()
+  for k in range(6):
+    one_train, one_test = fm.datasets.tcga_brca(site=train.names[k])
+    assert one_train.num_sites == 1 and int(one_train.site_ids[0]) == k
+    for full, one in ((train, one_train), (test, one_test)):
+      np.testing.assert_array_equal(one.site(0)[0], full.site(k)[0])
+      np.testing.assert_array_equal(one.site(0)[1], full.site(k)[1])
+  with pytest.raises(ValueError, match="site must be 0-5"):
+    fm.datasets.tcga_brca(site=6)

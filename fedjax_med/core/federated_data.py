@@ -346,6 +346,17 @@ class FederatedData:
     return FederatedData(self.x[idx], self.y[idx], self.mask[idx], names,
                          self.label_type, site_ids=self.site_ids[idx])
 
+  def single_site(self, site: int | str) -> "FederatedData":
+    """Site `site` (an index 0..K-1 or one of `names`) alone, K = 1, keeping its id
+    (hence its random streams): what one node of a deployment holds."""
+    names = self.names
+    index = names.index(site) if isinstance(site, str) and site in names else site
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not (
+        0 <= index < self.num_sites):
+      raise ValueError(f"FederatedData.single_site: site must be 0-{self.num_sites - 1} or"
+                       f" one of {list(names)}, got {site!r}")
+    return self.subset([int(index)])
+
   def pooled(self, name: str = "pooled") -> "FederatedData":
     """All real rows of all sites as one site (K = 1), in site order."""
     xs, ys = zip(*self.sites())

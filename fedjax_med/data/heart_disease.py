@@ -132,12 +132,7 @@ def heart_disease(standardize: str = "site", site: int | str | None = None
     if standardize not in ("site", "none"):
       raise OptionError(f"heart_disease: site= needs standardize='site' or 'none' (one"
                         f" hospital's own statistics), got standardize={standardize!r}")
-    index = SITES.index(site) if site in SITES else site
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not (
-        0 <= index < len(SITES)):
-      raise OptionError(f"heart_disease: site must be 0-{len(SITES) - 1} or one of {SITES},"
-                        f" got {site!r}")
-    return tuple(d.subset([int(index)]) for d in heart_disease(standardize))
+    return tuple(d.single_site(site) for d in heart_disease(standardize))
   raw = load_raw()
   if standardize == "federated":
     _, train, test = federated_standardize(

@@ -182,7 +182,7 @@ def load_raw() -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
   return out
 
 
-def tcga_brca() -> tuple[FederatedData, FederatedData]:
+def tcga_brca(site: int | str | None = None) -> tuple[FederatedData, FederatedData]:
   """Fed-TCGA-BRCA as (train, test) FederatedData, K = 6, 39 features.
 
   Returns:
@@ -192,12 +192,15 @@ def tcga_brca() -> tuple[FederatedData, FederatedData]:
     ("northeast", "south", "west", "midwest", "europe", "canada") in
     FLamby's center order 0..5. n_k train/test: 248/63, 156/40, 164/42,
     129/33, 129/33, 40/11 (events 45/14, 35/4, 14/8, 16/3, 7/2, 2/1).
+    With `site` (an index 0-5 or a name): that region only, K = 1 (what one
+    node of a deployment loads, `fedjax_med.deploy`).
   """
   raw = load_raw()
-  return tuple(
+  data = tuple(
       FederatedData.from_sites([raw[name][part] for name in SITES], SITES,
                                label_type="real")
       for part in ("train", "test"))
+  return data if site is None else tuple(d.single_site(site) for d in data)
 
 
 __all__ = ["tcga_brca", "load_raw", "SITES", "FEATURE_NAMES", "NUM_FEATURES"]
