@@ -250,7 +250,7 @@ def test_wire_round_trip_and_checks():
     wire.unflatten("p", {k: arrays[k] for k in ("p/0", "p/1")}, tree)
   with pytest.raises(wire.MalformedMessage, match=r"'p/0' as float64\[2, 3\]"):
     wire.unflatten("p", {**arrays, "p/0": np.zeros((2, 3))}, tree)
-  assert wire.all_finite({"x": np.array([1.0, np.inf]), "y": np.array([1, 2])}) == ["x"]
+  assert wire.nonfinite_names({"x": np.array([1.0, np.inf]), "y": np.array([1, 2])}) == ["x"]
 
 
 def test_heart_disease_site_selector():
@@ -366,3 +366,14 @@ def test_tcga_brca_site_selector():
       np.testing.assert_array_equal(one.site(0)[1], full.site(k)[1])
   with pytest.raises(ValueError, match="site must be 0-5"):
     fm.datasets.tcga_brca(site=6)
+
+
+def test_auto_policy_drops_bad_updates_only_under_robust_links():
+  from fedjax_med.deploy.server import is_robust
+  C = fm.aggregators.compression
+  assert is_robust(fm.aggregators.chain(robust.reject_nonfinite(), robust.trimmed_mean(0.25)))
+  assert is_robust(robust.coordinate_median())
+  assert is_robust(fm.aggregators.chain(C.uplink(C.qsgd(4)), robust.norm_bound(1.0),
+                                        fm.core.aggregation.weighted_mean()))
+  assert not is_robust(C.communication(C.qsgd(4)).aggregator)       # compression only
+  assert not is_robust(fm.core.aggregation.weighted_mean())

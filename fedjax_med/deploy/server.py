@@ -26,10 +26,10 @@ kit's rule for a round without data). Every failure is logged, naming the
 node and the site.
 
 A reply that does not fit the algorithm (wrong arrays, shapes or dtypes) or
-holds NaN / inf is rejected, naming the node: with a robust aggregator (any
-aggregator but the plain weighted mean) the member is treated as offline and
-the run goes on; with the plain weighted mean the run stops
-(`invalid_updates="auto"`; "drop" or "raise" choose explicitly).
+holds NaN / inf is rejected, naming the node: with a robust aggregator (one of,
+or a chain containing, `fm.aggregators.robust`'s links) the member is treated
+as offline and the run goes on; otherwise the run stops (`invalid_updates="auto"`; "drop" or
+"raise" choose explicitly).
 """
 
 from __future__ import annotations
@@ -207,6 +207,16 @@ def _decode(compressor, payload, template):
   return compressor.decode(payload, template)
 
 
+def is_robust(aggregator) -> bool:
+  """Whether the aggregator is, or its chain contains, a link of `fm.aggregators.robust`."""
+  links = getattr(aggregator, "links", ()) or (aggregator,)
+  for link in links:
+    fn = getattr(link, "aggregate", None) or getattr(link, "apply", None)
+    if getattr(fn, "__module__", "").endswith("aggregators.robust"):
+      return True
+  return False
+
+
 def client_templates(algorithm: FederatedAlgorithm, state, federation: Federation):
   """Shapes and dtypes `(update, values)` of one client's reply (`jax.eval_shape`)."""
   config = kit_config(algorithm)
@@ -234,8 +244,14 @@ class DeployedRound:
 
   Round metrics: the simulator's, plus `online` `[C]` (which members answered
   with a valid update), `downlink_bytes` / `uplink_bytes` `[C]` (array payload
-  per member; 0 under SecAgg+, whose messages Flower's workflow sends), `server_seconds` and `client_seconds` (wall time of the server's
-  two halves, and of the exchange with the nodes).
+  per member; 0 under SecAgg+, whose messages Flower's workflow sends),
+  `server_seconds` and `client_seconds` (wall time of the server's two halves,
+  and of the exchange with the nodes).
+
+  invalid_updates: "auto" (default) drops a rejected update and goes on when the
+  aggregator is or contains a robust link (`fm.aggregators.robust`: median,
+  trimmed mean, norm bound, non-finite rejection), and stops the run otherwise;
+  "drop" / "raise" choose explicitly.
   """
 
   def __init__(self, algorithm: FederatedAlgorithm, transport: Transport, *,
@@ -246,7 +262,7 @@ class DeployedRound:
     self.timeout = timeout
     check_choice("fedjax_med.deploy", "invalid_updates", invalid_updates, INVALID_UPDATES)
     if invalid_updates == "auto":
-      invalid_updates = "raise" if self.config.aggregator is agg.weighted_mean() else "drop"
+      invalid_updates = "drop" if is_robust(self.config.aggregator) else "raise"
     self.invalid_updates = invalid_updates
     self._templates = None
     self.codec = node_codec(self.config)
@@ -323,13 +339,13 @@ class DeployedRound:
         if codec is not None:
           payload = wire.unflatten("payload", reply.arrays, self._payload_t, sender=sender)
           update = _decode(codec, payload, update_t)
-          if wire.all_finite(wire.flatten("update", update)):
+          if wire.nonfinite_names(wire.flatten("update", update)):
             raise wire.MalformedMessage(f"{sender} sent a payload that decodes to non-finite"
                                         " values")
         else:
           update = wire.unflatten("update", reply.arrays, update_t, sender=sender)
         values = wire.unflatten("values", reply.arrays, values_t, sender=sender)
-        bad = wire.all_finite({k: v for k, v in reply.arrays.items()
+        bad = wire.nonfinite_names({k: v for k, v in reply.arrays.items()
                                if k.startswith(("update/", "values/", "payload/"))})
         if bad:
           raise wire.MalformedMessage(f"{sender} sent non-finite values in {bad[:4]}")

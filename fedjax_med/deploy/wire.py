@@ -77,7 +77,7 @@ def unflatten(part: str, arrays: dict[str, np.ndarray], template: Any,
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def all_finite(arrays: dict[str, np.ndarray]) -> list[str]:
+def nonfinite_names(arrays: dict[str, np.ndarray]) -> list[str]:
   """The names of the floating arrays holding NaN or inf."""
   return [name for name, a in arrays.items()
           if np.issubdtype(np.asarray(a).dtype, np.inexact) and not np.all(np.isfinite(a))]
@@ -88,5 +88,5 @@ def payload_nbytes(arrays: dict[str, np.ndarray]) -> int:
   return int(sum(np.asarray(a).nbytes for a in arrays.values()))
 
 
-__all__ = ["MalformedMessage", "flatten", "unflatten", "all_finite", "payload_nbytes",
+__all__ = ["MalformedMessage", "flatten", "unflatten", "nonfinite_names", "payload_nbytes",
            "key_to_array", "is_typed_key"]
