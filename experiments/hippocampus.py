@@ -17,7 +17,10 @@ features), masked softmax cross-entropy + soft Dice over the two hippocampus cla
 (`fm.losses.segmentation.softmax_dice`). Each round every site draws one random crop
 (`crop`, default 32 x 48 x 32) of the valid region of each of its volumes
 (`with_random_crops`: 3x fewer voxels than the padded volume, and translation
-augmentation) and runs `local_steps` Adam steps of `batch_size` crops on them. Test
+augmentation) and runs `local_steps` Adam steps of `batch_size` crops on them (or, with
+`local_epochs`, that many passes over them: `--full` runs one epoch per round, 26 steps
+of 2 crops for an iid site of 52 cases, with the learning rate stepped down x0.3 after
+2/3 and 5/6 of the rounds; `set_hyperparams` between segments, no recompilation). Test
 volumes are segmented whole (the U-Net has no normalisation layer, so it is fully
 convolutional) and scored by Dice per class on each case's valid voxels, per case then
 averaged (`fm.metrics.segmentation.multiclass_dice`; empty-empty = 1).
@@ -33,13 +36,17 @@ Strategies, from the same initial model within a seed:
   local     each site trains alone (persistent Adam, the same steps per round);
             scored like finetune
   pooled    one model on all 208 training cases (K = 1) with K x local_steps steps per
-            round (the same examples per round as the K sites together); it does not
-            depend on the site split and is run once per seed
+            round, or local_epochs passes over the 208 cases (either way the same
+            examples per round as the K sites together); it does not depend on the site
+            split and is run once per seed
 
     python experiments/hippocampus.py                    # default: iid, short schedule
     python experiments/hippocampus.py --full             # both splits, the long schedule
     python experiments/hippocampus.py --splits iid,volume --rounds 60 --seeds 0,1
     python experiments/hippocampus.py --smoke            # seconds, for tests
+    python experiments/hippocampus.py --full --strategies pooled,fedavg --rounds 6
+    python experiments/hippocampus.py --full --memory 2 --client-chunk-size 1
+                       # peak RSS of 2 FedAvg rounds (iid, 4 sites) -> --out/memory.json
 
 Outputs in --out: results.json (tidy records: dataset "msd_hippocampus[<split>]",
 strategy, seed, site = "all" / "test-<group>" / "case-NNN", split "test", metric
@@ -85,19 +92,26 @@ class Config:
   features: tuple[int, ...] = (8, 16, 32)
   crop: tuple[int, int, int] = (32, 48, 32)
   batch_size: int = 2
-  local_steps: int = 4                # per site per round
+  local_steps: int = 4                # per site per round (when local_epochs is None)
+  local_epochs: int | None = None     # else: passes over the site's volumes per round
   rounds: int = 12
   client_lr: float = 3e-3             # Adam, FedAvg / FedProx clients
   baseline_lr: float = 3e-3           # Adam, local and pooled
+  lr_decay_at: tuple[float, ...] = () # step decay: lr x lr_decay after each fraction of rounds
+  lr_decay: float = 0.3
   fedprox_mu: float = 0.01
   finetune_steps: int = 8
   eval_batch: int = 4
   test_cases: int | None = None       # None: all 52; smoke: the first few (labelled)
+  client_chunk_size: int | None = None  # sites per vmapped chunk (None: all at once)
   schedule: str = "short"
 
   @classmethod
   def full(cls) -> "Config":
-    return cls(splits=("iid", "encoding"), rounds=120, schedule="full")
+    """30 rounds of one local epoch (26 steps of 2 crops per iid site; pooled one epoch
+    of its 208 cases, 104 steps), lr 3e-3, x0.3 after rounds 20 and 25."""
+    return cls(splits=("iid", "encoding"), local_epochs=1, rounds=30,
+               lr_decay_at=(2 / 3, 5 / 6), finetune_steps=26, schedule="full")
 
   @classmethod
   def smoke(cls) -> "Config":
@@ -145,6 +159,75 @@ def _site_params(tree, k):
   return jax.tree_util.tree_map(lambda a: a[k], tree)
 
 
+def lr_segments(config: Config) -> list[tuple[int, int, float]]:
+  """[(first round, end round, lr factor)]: the step decay of `config` over its rounds.
+
+  Boundary b_i = round(lr_decay_at[i] * rounds) (kept when 0 < b_i < rounds); rounds
+  [b_i, b_{i+1}) train at lr x lr_decay^(i+1). No boundary: one segment at factor 1.
+  """
+  bounds = sorted({round(f * config.rounds) for f in config.lr_decay_at}
+                  & set(range(1, config.rounds)))
+  starts, ends = [0] + bounds, bounds + [config.rounds]
+  return [(a, b, config.lr_decay ** i) for i, (a, b) in enumerate(zip(starts, ends))]
+
+
+def measure_memory(config: Config, rounds: int) -> dict:
+  """Peak RSS of each round of the experiment's FedAvg (iid split, 4 sites, crops).
+
+  Loads the iid training sites, builds FedAvg exactly as `run` does (same crops, local
+  work, batch and `config.client_chunk_size`) and runs `rounds` rounds. Before each
+  round the kernel's high-water mark of resident memory is reset to the current RSS
+  (`/proc/self/clear_refs` "5", Linux >= 4.0) and read after it (VmHWM), so that each
+  round's peak is its own (round 0 includes the compilation) and not the loader's;
+  without clear_refs the values are the process's peak so far (ru_maxrss when
+  /proc is absent). Run one process per chunk size.
+  """
+  def status_mib(field):
+    try:
+      with open("/proc/self/status") as f:
+        for line in f:
+          if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    except OSError:
+      pass
+    import resource  # pylint: disable=import-outside-toplevel
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+  def reset_peak():
+    try:
+      with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+      return True
+    except OSError:
+      return False
+
+  model = fm.models.UNet3D(features=config.features, num_classes=3)
+  loss_fn = softmax_dice(model.apply, num_classes=3)
+  work = (dict(local_epochs=config.local_epochs) if config.local_epochs
+          else dict(local_steps=config.local_steps))
+  algo = with_random_crops(fm.algorithms.fedavg(
+      loss_fn, client_optimizer=optax.adam(config.client_lr), batch_size=config.batch_size,
+      client_chunk_size=config.client_chunk_size, **work), crop_shape=config.crop)
+  data, _ = msd_hippocampus(num_sites=SPLIT_SITES["iid"], split="iid", seed=config.split_seed)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + config.crop + (1,)))
+  state = algo.init(params)
+  loader_peak, rss_before = status_mib("VmHWM"), status_mib("VmRSS")
+  seconds, peaks, reset = [], [], True
+  for r in range(rounds):
+    reset = reset_peak() and reset
+    t = time.perf_counter()
+    state, _ = algo.round(state, data, jax.random.fold_in(jax.random.PRNGKey(1), r))
+    jax.block_until_ready(state.params)
+    seconds.append(time.perf_counter() - t)
+    peaks.append(status_mib("VmHWM"))
+  return {"client_chunk_size": config.client_chunk_size, "sites": SPLIT_SITES["iid"],
+          "data_shape": list(data.x.shape), "crop": list(config.crop),
+          "work": work, "batch_size": config.batch_size, "features": list(config.features),
+          "peak_rss_loading_mib": loader_peak, "rss_before_rounds_mib": rss_before,
+          "peak_rss_per_round_mib": peaks, "peak_reset_each_round": reset,
+          "round_seconds": seconds}
+
+
 def run(config: Config, out_dir: str, progress: bool = True
         ) -> tuple[list[dict], dict, dict]:
   timings: dict[str, float] = {}
@@ -152,21 +235,31 @@ def run(config: Config, out_dir: str, progress: bool = True
   model = fm.models.UNet3D(features=config.features, num_classes=3)
   loss_fn = softmax_dice(model.apply, num_classes=3)
   apply_fn = jax.jit(model.apply)
-  adam = optax.adam
-  common = dict(local_steps=config.local_steps, batch_size=config.batch_size)
+  segments = lr_segments(config)
+  # With a decay the learning rate is traced (set between segments, no recompile).
+  adam = optax.inject_hyperparams(optax.adam) if len(segments) > 1 else optax.adam
+  work = (dict(local_epochs=config.local_epochs) if config.local_epochs
+          else dict(local_steps=config.local_steps))
+  common = dict(batch_size=config.batch_size, **work)
+  chunk = dict(client_chunk_size=config.client_chunk_size)
 
   def crops(algo):
     return with_random_crops(algo, crop_shape=config.crop)
 
-  fedavg = crops(fm.algorithms.fedavg_finetune(
+  fedavg = crops(fm.algorithms.fedavg_finetune(   # fine-tuning at the last segment's lr
       loss_fn, client_optimizer=adam(config.client_lr), finetune_steps=config.finetune_steps,
-      finetune_optimizer=adam(config.baseline_lr), **common))
+      finetune_optimizer=optax.adam(config.baseline_lr * segments[-1][2]), **common, **chunk))
   fedprox = crops(fm.algorithms.fedprox(loss_fn, mu=config.fedprox_mu,
-                                        client_optimizer=adam(config.client_lr), **common))
-  local = crops(fm.algorithms.local_only(loss_fn, optimizer=adam(config.baseline_lr), **common))
-  pooled = crops(fm.algorithms.local_only(   # K x the local steps: the K sites' examples
+                                        client_optimizer=adam(config.client_lr), **common,
+                                        **chunk))
+  local = crops(fm.algorithms.local_only(loss_fn, optimizer=adam(config.baseline_lr), **common,
+                                         **chunk))
+  # Pooled sees the K sites' examples of a round: local_epochs passes over all 208 cases
+  # (= the sites' epochs together), or K x the local steps.
+  pooled = crops(fm.algorithms.local_only(
       loss_fn, optimizer=adam(config.baseline_lr), batch_size=config.batch_size,
-      local_steps=config.local_steps * max(SPLIT_SITES[s] for s in config.splits)))
+      **(work if config.local_epochs else dict(
+          local_steps=config.local_steps * max(SPLIT_SITES[s] for s in config.splits)))))
 
   records: list[dict] = []
   history: dict[str, dict] = {}
@@ -186,15 +279,23 @@ def run(config: Config, out_dir: str, progress: bool = True
     if seed == config.seeds[0]:
       predictions[f"{dataset}/{name}"] = pred       # the last model's, for the figure
     timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - t
-    return np.mean(per_model, axis=0)
+    mean = np.mean(per_model, axis=0)
+    print(f"{dataset} seed {seed} {name}: Dice anterior {mean[:, 0].mean():.3f} posterior"
+          f" {mean[:, 1].mean():.3f} mean {mean[:, 2].mean():.3f}"
+          f" ({time.perf_counter() - start:.0f} s)", flush=True)
+    return mean
 
-  def train(name, algo, state, data, key, rounds, dataset, seed):
+  def train(name, algo, state, data, key, rounds, dataset, seed, lr):
     t = time.perf_counter()
-    state, hist = fm.run_rounds(algo, state, data, rounds, key, progress=progress,
-                                desc=f"{dataset} seed {seed} {name}")
+    losses = []
+    for first, end, factor in segments:
+      if len(segments) > 1:
+        state = fm.set_hyperparams(state, client={"learning_rate": lr * factor})
+      state, hist = fm.run_rounds(algo, state, data, end - first, key, first_round=first,
+                                  progress=progress, desc=f"{dataset} seed {seed} {name}")
+      losses += np.asarray(hist.get("train_loss", hist.get("client_train_loss"))).tolist()
     timings[f"train_{name}"] = timings.get(f"train_{name}", 0.0) + time.perf_counter() - t
-    losses = hist.get("train_loss", hist.get("client_train_loss"))
-    history.setdefault(dataset, {}).setdefault(name, {})[str(seed)] = np.asarray(losses).tolist()
+    history.setdefault(dataset, {}).setdefault(name, {})[str(seed)] = losses
     return state
 
   for seed in config.seeds:
@@ -202,7 +303,7 @@ def run(config: Config, out_dir: str, progress: bool = True
     params0 = jax.jit(model.init)(init_key, jnp.zeros((1,) + config.crop + (1,)))
     if "pooled" in config.strategies:
       state = train("pooled", pooled, pooled.init(params0, 1), pooled_train, train_key,
-                    config.rounds, f"{DATASET}[pooled]", seed)
+                    config.rounds, f"{DATASET}[pooled]", seed, config.baseline_lr)
       per_case = evaluate("pooled", f"{DATASET}[pooled]", seed,
                           [_site_params(state.client_states["params"], 0)])
       for split in config.splits:
@@ -213,7 +314,7 @@ def run(config: Config, out_dir: str, progress: bool = True
       train_data, _ = msd_hippocampus(num_sites=k, split=split, seed=config.split_seed)
       if {"fedavg", "finetune"} & set(config.strategies):
         state = train("fedavg", fedavg, fedavg.init(params0), train_data, train_key,
-                      config.rounds, dataset, seed)
+                      config.rounds, dataset, seed, config.client_lr)
         if "fedavg" in config.strategies:
           records += _records(dataset, "fedavg", seed, cases, groups,
                               evaluate("fedavg", dataset, seed, [state.params]))
@@ -226,12 +327,12 @@ def run(config: Config, out_dir: str, progress: bool = True
               "finetune", dataset, seed, [_site_params(personal, j) for j in range(k)]))
       if "fedprox" in config.strategies:
         state = train("fedprox", fedprox, fedprox.init(params0), train_data, train_key,
-                      config.rounds, dataset, seed)
+                      config.rounds, dataset, seed, config.client_lr)
         records += _records(dataset, "fedprox", seed, cases, groups,
                             evaluate("fedprox", dataset, seed, [state.params]))
       if "local" in config.strategies:
         state = train("local", local, local.init(params0, k), train_data, train_key,
-                      config.rounds, dataset, seed)
+                      config.rounds, dataset, seed, config.baseline_lr)
         site_models = jax.device_get(state.client_states["params"])
         records += _records(dataset, "local", seed, cases, groups, evaluate(
             "local", dataset, seed, [_site_params(site_models, j) for j in range(k)]))
@@ -295,6 +396,13 @@ def main(argv=None) -> int:
   parser.add_argument("--full", action="store_true", help="the long schedule")
   parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
   parser.add_argument("--out", type=str, default="results/hippocampus")
+  parser.add_argument("--strategies", type=str,
+                      help="comma-separated subset of fedavg, fedprox, finetune, local, pooled")
+  parser.add_argument("--client-chunk-size", type=int,
+                      help="sites per vmapped chunk in the federated rounds (default: all)")
+  parser.add_argument("--memory", type=int, metavar="ROUNDS",
+                      help="instead of the experiment: run ROUNDS FedAvg rounds of the"
+                      " schedule (iid, 4 sites) and write the peak RSS to --out/memory.json")
   parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
   args = parser.parse_args(argv)
   config = Config.smoke() if args.smoke else Config.full() if args.full else Config()
@@ -304,8 +412,21 @@ def main(argv=None) -> int:
     if unknown:
       raise fm.OptionError(f"--splits: unknown split {unknown}; choose from"
                            f" {sorted(SPLIT_SITES)}")
+  strategies = tuple(s for s in (args.strategies or "").split(",") if s) or None
+  known = Config.strategies
+  if strategies and not set(strategies) <= set(known):
+    raise fm.OptionError(f"--strategies: unknown {sorted(set(strategies) - set(known))};"
+                         f" choose from {list(known)}")
   config = fm.training.loop.with_overrides(config, rounds=args.rounds, seeds=args.seeds,
-                                           splits=splits)
+                                           splits=splits, strategies=strategies,
+                                           client_chunk_size=args.client_chunk_size)
+  if args.memory:
+    result = measure_memory(config, args.memory)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "memory.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return 0
   start = time.perf_counter()
   records, timings, files = run(config, args.out, progress=not args.no_progress)
   elapsed = time.perf_counter() - start

@@ -42,3 +42,17 @@ def test_hippocampus_smoke(tmp_path):
   table = (out / "table.md").read_text()
   assert "SIMULATED" in table and "ONLY the first 2 test cases" in table
   assert (out / "slices.png").stat().st_size > 1000
+
+
+def test_lr_segments_step_decay():
+  module = _module()
+  # --full: 30 rounds, x0.3 after 2/3 and 5/6 of them (written out by hand).
+  segments = module.lr_segments(module.Config.full())
+  assert [(a, b) for a, b, _ in segments] == [(0, 20), (20, 25), (25, 30)]
+  assert np.allclose([f for _, _, f in segments], [1.0, 0.3, 0.09], rtol=0, atol=1e-15)
+  # --full --rounds 6: boundaries round(4.0) = 4 and round(5.0) = 5.
+  short = module.Config(rounds=6, lr_decay_at=(2 / 3, 5 / 6))
+  assert [(a, b) for a, b, _ in module.lr_segments(short)] == [(0, 4), (4, 5), (5, 6)]
+  # No decay (the short default): one segment at factor 1; boundaries at 0 or >= rounds drop.
+  assert module.lr_segments(module.Config()) == [(0, 12, 1.0)]
+  assert module.lr_segments(module.Config(rounds=2, lr_decay_at=(0.0, 1.0))) == [(0, 2, 1.0)]
