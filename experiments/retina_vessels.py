@@ -13,6 +13,15 @@ the FOV; test images are segmented whole by overlapping tiles
     python experiments/retina_vessels.py                  # defaults below
     python experiments/retina_vessels.py --rounds 40 --seeds 0,1 --out /tmp/rv
     python experiments/retina_vessels.py --smoke          # seconds, for tests
+    python experiments/retina_vessels.py --full           # the longer schedule (Config.full)
+
+Options toward the literature (all off by default; the default computes
+exactly what it computed before they existed): `augment` (random flips,
+rot90 and intensity jitter of the training patches, `AugmentSpec`),
+`preprocess` ("green", "clahe", "green_clahe": `chase_db1(preprocess=...)`),
+`threshold="train"` (each model's threshold chosen on its own training
+images, never on the test children: `train_threshold`), bigger `features`,
+and `strategies` (a subset of fedavg, local, pooled; observer_2 always).
 
 Strategies (every one from the same initial model within a seed, the same
 number of patches per round per image, hence the same compute):
@@ -56,7 +65,7 @@ from fedjax_med.data.chase_db1 import chase_db1, load_raw, site_image_ids
 from fedjax_med.losses.segmentation import bce_dice
 from fedjax_med.metrics.segmentation import dice, pixel_accuracy, pixel_roc_auc
 from fedjax_med.models.unet import UNet
-from fedjax_med.algorithms.segmentation import predict_tiled, with_patches
+from fedjax_med.algorithms.segmentation import AugmentSpec, predict_tiled, with_patches
 
 DATASET = "chase_db1"
 METRICS = ("dice", "accuracy", "auc", "dice_image")
@@ -82,13 +91,66 @@ class Config:
   tile: int = 544                    # 960 x 1000 padded -> 2 x 2 tiles
   margin: int = 32                   # >= the U-Net's receptive radius (23)
   tile_batch: int = 2
-  threshold: float = 0.5
+  threshold: float | str = 0.5       # or "train": chosen on each model's training images
   eval_crop: int | None = None       # models scored on the central crop (smoke only)
+  # Options toward the literature (issue 16); the defaults switch them off.
+  augment: bool = False              # AugmentSpec(flips, rot90, the jitter below)
+  brightness: float = 0.0            # with augment: offset ~ U[-b, b]
+  contrast: float = 0.0              # with augment: factor ~ U[1 - c, 1 + c]
+  gamma: float = 0.0                 # with augment: exponent exp(U[-log(1+g), log(1+g)])
+  preprocess: str | None = None      # chase_db1(preprocess=...): green, clahe, green_clahe
+  strategies: tuple[str, ...] = ("fedavg", "local", "pooled")
 
   @classmethod
   def smoke(cls) -> "Config":
     return cls(num_clients=2, features=(4, 8), patch_size=16, patches_per_image=2,
                batch_size=4, rounds=1, tile=64, margin=12, eval_crop=128)
+
+  @classmethod
+  def full(cls) -> "Config":
+    """The longer schedule toward the literature's Dice: an estimate from 40-round
+    pilots, NOT yet run (experiments/README.md, "Toward the literature (pilot)"):
+    U-Net (16, 32, 64) (117k parameters, 2.0x a default round), green-channel
+    CLAHE, flips / rot90 / jitter, threshold chosen on training images, 5x the
+    default's rounds; about 45 min on an idle 2-core CPU (extrapolated)."""
+    return cls(features=(16, 32, 64), rounds=200, preprocess="green_clahe",
+               threshold="train", augment=True, brightness=0.1, contrast=0.2, gamma=0.2)
+
+  def augment_spec(self) -> AugmentSpec | None:
+    if not self.augment:
+      return None
+    return AugmentSpec(brightness=self.brightness, contrast=self.contrast, gamma=self.gamma)
+
+
+THRESHOLD_GRID = tuple(round(0.01 * i, 2) for i in range(1, 100))   # 0.01 .. 0.99
+
+
+def dice_curve(probs, targets, fovs, grid=THRESHOLD_GRID) -> np.ndarray:
+  """Dice in the FOV of `prob > t` for every t in `grid`, pooled over the images:
+  `[len(grid)]` float64, 2 TP / (2 TP + FP + FN) with TP, FP, FN summed over the
+  images' FOV pixels (NaN where the images hold no vessel and no prediction)."""
+  grid = np.asarray(grid, np.float64)
+  tp = np.zeros(grid.shape)
+  fp = np.zeros(grid.shape)
+  positives = 0
+  for prob, target, fov in zip(probs, targets, fovs):
+    p = np.asarray(prob, np.float64)[np.asarray(fov, bool)]
+    t = np.asarray(target, bool)[np.asarray(fov, bool)]
+    pos, neg = np.sort(p[t]), np.sort(p[~t])
+    tp += pos.size - np.searchsorted(pos, grid, side="right")     # #{p > t}
+    fp += neg.size - np.searchsorted(neg, grid, side="right")
+    positives += pos.size
+  denominator = 2 * tp + fp + (positives - tp)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(denominator > 0, 2 * tp / denominator, np.nan)
+
+
+def train_threshold(probs, targets, fovs, grid=THRESHOLD_GRID) -> tuple[float, float]:
+  """(threshold, its Dice): the first (lowest) t in `grid` maximising `dice_curve`
+  on the given (training) images; the test children are never passed here."""
+  curve = dice_curve(probs, targets, fovs, grid)
+  best = int(np.nanargmax(curve))
+  return float(grid[best]), float(curve[best])
 
 
 def _scores(prob: np.ndarray, target: np.ndarray, fov: np.ndarray,
@@ -144,8 +206,17 @@ def _test_arrays(test):
 def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict], dict]:
   timings: dict[str, float] = {}
   start = time.perf_counter()
-  train, test = chase_db1(num_sites=config.num_clients, seed=config.split_seed)
-  pooled_train, _ = chase_db1(num_sites=1)
+  unknown = set(config.strategies) - {"fedavg", "local", "pooled"}
+  if unknown or not config.strategies:
+    raise ValueError(f"retina_vessels: strategies must be a non-empty subset of fedavg,"
+                     f" local, pooled; got {config.strategies}")
+  if not (config.threshold == "train" or isinstance(config.threshold, (int, float))):
+    raise ValueError(f"retina_vessels: threshold must be a number or 'train', got"
+                     f" {config.threshold!r}")
+  data_options = {} if config.preprocess is None else {"preprocess": config.preprocess}
+  train, test = chase_db1(num_sites=config.num_clients, seed=config.split_seed,
+                          **data_options)
+  pooled_train, _ = chase_db1(num_sites=1, **data_options)
   images, target, fov, ids = _test_arrays(test)
   raw = load_raw()
   target_2 = np.stack([raw.labels[1, raw.index(i)] > 0 for i in ids])
@@ -167,6 +238,8 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
   loss_fn = bce_dice(model.apply, dice_weight=config.dice_weight,
                      reduction=config.loss_reduction)
   patches = dict(patches_per_image=config.patches_per_image, patch_size=config.patch_size)
+  if config.augment_spec() is not None:
+    patches["augment"] = config.augment_spec()
   fedavg = with_patches(fm.algorithms.fedavg(
       loss_fn, client_optimizer=optax.adam(config.client_lr),
       local_epochs=config.local_epochs, batch_size=config.batch_size), **patches)
@@ -174,18 +247,44 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
       loss_fn, optimizer=optax.adam(config.baseline_lr), local_epochs=config.local_epochs,
       batch_size=config.batch_size), **patches)
 
-  def predict(params):
-    logits = predict_tiled(model.apply, params, images, tile=config.tile,
-                           margin=config.margin, multiple=model.size_multiple(),
-                           tile_batch=config.tile_batch)
+  def predict(params, inputs=None):
+    logits = predict_tiled(model.apply, params, images if inputs is None else inputs,
+                           tile=config.tile, margin=config.margin,
+                           multiple=model.size_multiple(), tile_batch=config.tile_batch)
     return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
 
-  def score(params):
+  def score(params, threshold=config.threshold):
     t = time.perf_counter()
     prob = predict(params)
-    out = [_scores(prob[i], target[i], fov[i], config.threshold) for i in range(len(ids))]
+    out = [_scores(prob[i], target[i], fov[i], threshold) for i in range(len(ids))]
     timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - t
     return out
+
+  # threshold="train": each model's threshold maximises Dice on its own training
+  # images (FedAvg and pooled: all 20; local_k: client k's 4), predicted whole
+  # like the test images, 4 at a time; the test children are not looked at. For
+  # FedAvg it is a federated statistic: each clinic's TP / FP / positive counts per
+  # grid threshold, summed by the server (what `dice_curve` pools).
+  def chosen_threshold(params, sites):
+    if config.threshold != "train":
+      return config.threshold, None
+    t = time.perf_counter()
+    probs, targets, fovs = [], [], []
+    for k in sites:
+      rows = np.nonzero(np.asarray(train.mask[k]))[0]
+      labels = np.asarray(train.y[k])[rows]
+      probs += list(predict(params, train.x[k][rows]))
+      targets += list(labels[..., 0] > 0)
+      fovs += list(labels[..., 1] > 0)
+    out = train_threshold(probs, targets, fovs)
+    timings["threshold"] = timings.get("threshold", 0.0) + time.perf_counter() - t
+    return out
+
+  def threshold_records(strategy, seed, chosen):
+    if chosen[1] is None:
+      return []
+    return fm.report.records_from_report(DATASET, strategy, seed, "train", {
+        "train_images": {"threshold": chosen[0], "dice": chosen[1]}})
 
   records: list[dict] = []
   history: dict[str, dict[str, list]] = {}
@@ -193,38 +292,50 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
     records += _records("observer_2", seed, ids, observer)
     init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
     params0 = jax.jit(model.init)(
-        init_key, jnp.zeros((1, config.patch_size, config.patch_size, 3)))
+        init_key, jnp.zeros((1, config.patch_size, config.patch_size, train.x.shape[-1])))
 
-    t = time.perf_counter()
-    state, hist = fm.run_rounds(fedavg, fedavg.init(params0), train, config.rounds,
-                                train_key, progress=progress, desc=f"seed {seed} fedavg")
-    timings["train_fedavg"] = timings.get("train_fedavg", 0.0) + time.perf_counter() - t
-    history.setdefault("fedavg", {})[str(seed)] = hist["train_loss"].tolist()
-    records += _records("fedavg", seed, ids, score(state.params))
+    if "fedavg" in config.strategies:
+      t = time.perf_counter()
+      state, hist = fm.run_rounds(fedavg, fedavg.init(params0), train, config.rounds,
+                                  train_key, progress=progress, desc=f"seed {seed} fedavg")
+      timings["train_fedavg"] = timings.get("train_fedavg", 0.0) + time.perf_counter() - t
+      history.setdefault("fedavg", {})[str(seed)] = hist["train_loss"].tolist()
+      chosen = chosen_threshold(state.params, range(train.num_sites))
+      records += _records("fedavg", seed, ids, score(state.params, chosen[0]))
+      records += threshold_records("fedavg", seed, chosen)
 
-    t = time.perf_counter()
-    state, hist = fm.run_rounds(baseline, baseline.init(params0, train.num_sites), train,
-                                config.rounds, train_key, progress=progress,
-                                desc=f"seed {seed} local")
-    timings["train_local"] = timings.get("train_local", 0.0) + time.perf_counter() - t
-    history.setdefault("local", {})[str(seed)] = hist["client_train_loss"].tolist()
-    site_models = jax.device_get(state.client_states["params"])
-    per_model = [score(jax.tree_util.tree_map(lambda a: a[k], site_models))
-                 for k in range(train.num_sites)]
-    for k, per_image in enumerate(per_model):
-      records += _records(f"local_{k}", seed, ids, per_image)
-    records += _records("local", seed, ids, [
-        {m: fm.metrics.nanmean([per_model[k][i][m] for k in range(len(per_model))])
-         for m in METRICS} for i in range(len(ids))])
+    if "local" in config.strategies:
+      t = time.perf_counter()
+      state, hist = fm.run_rounds(baseline, baseline.init(params0, train.num_sites), train,
+                                  config.rounds, train_key, progress=progress,
+                                  desc=f"seed {seed} local")
+      timings["train_local"] = timings.get("train_local", 0.0) + time.perf_counter() - t
+      history.setdefault("local", {})[str(seed)] = hist["client_train_loss"].tolist()
+      site_models = jax.device_get(state.client_states["params"])
+      per_model = []
+      for k in range(train.num_sites):
+        params_k = jax.tree_util.tree_map(lambda a, k=k: a[k], site_models)
+        chosen = chosen_threshold(params_k, [k])
+        per_model.append(score(params_k, chosen[0]))
+        records += threshold_records(f"local_{k}", seed, chosen)
+      for k, per_image in enumerate(per_model):
+        records += _records(f"local_{k}", seed, ids, per_image)
+      records += _records("local", seed, ids, [
+          {m: fm.metrics.nanmean([per_model[k][i][m] for k in range(len(per_model))])
+           for m in METRICS} for i in range(len(ids))])
 
-    t = time.perf_counter()
-    state, hist = fm.run_rounds(baseline, baseline.init(params0, 1), pooled_train,
-                                config.rounds, train_key, progress=progress,
-                                desc=f"seed {seed} pooled")
-    timings["train_pooled"] = timings.get("train_pooled", 0.0) + time.perf_counter() - t
-    history.setdefault("pooled", {})[str(seed)] = hist["client_train_loss"][:, 0].tolist()
-    records += _records("pooled", seed, ids, score(jax.tree_util.tree_map(
-        lambda a: a[0], jax.device_get(state.client_states["params"]))))
+    if "pooled" in config.strategies:
+      t = time.perf_counter()
+      state, hist = fm.run_rounds(baseline, baseline.init(params0, 1), pooled_train,
+                                  config.rounds, train_key, progress=progress,
+                                  desc=f"seed {seed} pooled")
+      timings["train_pooled"] = timings.get("train_pooled", 0.0) + time.perf_counter() - t
+      history.setdefault("pooled", {})[str(seed)] = hist["client_train_loss"][:, 0].tolist()
+      params = jax.tree_util.tree_map(lambda a: a[0],
+                                      jax.device_get(state.client_states["params"]))
+      chosen = chosen_threshold(params, range(train.num_sites))
+      records += _records("pooled", seed, ids, score(params, chosen[0]))
+      records += threshold_records("pooled", seed, chosen)
 
   os.makedirs(out_dir, exist_ok=True)
   fm.report.save_records(records, out_dir)
@@ -246,13 +357,27 @@ def main(argv=None) -> int:
   parser.add_argument("--rounds", type=int, help="rounds for every strategy (default 40)")
   parser.add_argument("--seeds", type=str, help="comma-separated seeds (default 0)")
   parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
+  parser.add_argument("--full", action="store_true",
+                      help="the longer schedule toward the literature (Config.full)")
+  parser.add_argument("--threshold", type=str,
+                      help="a number, or 'train': chosen on each model's training images")
+  parser.add_argument("--strategies", type=str,
+                      help="comma-separated subset of fedavg,local,pooled (default all)")
   parser.add_argument("--out", type=str, default="results/retina_vessels",
                       help="output directory")
   parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
   args = parser.parse_args(argv)
 
-  config = Config.smoke() if args.smoke else Config()
-  config = fm.training.loop.with_overrides(config, rounds=args.rounds, seeds=args.seeds)
+  if args.smoke and args.full:
+    parser.error("--smoke and --full exclude each other")
+  config = Config.smoke() if args.smoke else Config.full() if args.full else Config()
+  threshold = args.threshold
+  if threshold is not None and threshold != "train":
+    threshold = float(threshold)
+  strategies = (tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+                if args.strategies else None)
+  config = fm.training.loop.with_overrides(config, rounds=args.rounds, seeds=args.seeds,
+                                           threshold=threshold, strategies=strategies)
   start = time.perf_counter()
   records, timings = run(config, args.out, progress=not args.no_progress)
   elapsed = time.perf_counter() - start

@@ -5,7 +5,7 @@ import itertools
 from fedjax_med.core import streams
 
 ROUND_KEY = ("SERVER_STREAM", "SAMPLING_STREAM", "ORDER_STREAM", "PATCH_STREAM",
-             "CROP_STREAM", "AVAILABILITY_STREAM", "RESTART_STREAM")
+             "CROP_STREAM", "AUGMENT_STREAM", "AVAILABILITY_STREAM", "RESTART_STREAM")
 CLIENT_KEY = ("STEP_STREAM", "DURATION_STREAM", "PERSONAL_STREAM")
 # Documented in fedjax_med/core/streams.py; left until the tables using them are rerun.
 KNOWN_OVERLAPS = {frozenset({"SAMPLING_STREAM", "PATCH_STREAM"}),

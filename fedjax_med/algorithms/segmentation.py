@@ -31,6 +31,16 @@ of the mask; the top-left corner is `clip(centre - patch_size // 2,
 site ids like the rest of fedjax_med: image i of site k uses
 `fold_in(fold_in(k_p, site_ids[k]), i)`.
 
+Augmentation (`with_patches(..., augment=AugmentSpec(...))`, off by default):
+after sampling, every patch row r of site k is transformed with key
+`fold_in(fold_in(k_a, site_ids[k]), r)`, `k_a = fold_in(key, AUGMENT_STREAM)`
+(its own stream: the patches, and every other draw of the round, are those of
+the unaugmented round). Geometric maps (flips, rot90) move x and y alike, so
+labels and FOV follow their pixels and keep their values; photometric maps
+(gamma, contrast, brightness) change x only, inside the patch's FOV
+(`augment_patch` has the equations). Without `augment` the round is the
+unaugmented one, bit for bit.
+
 Inference by tiling (`predict_tiled`): the image is zero-padded at the
 bottom / right to multiples of the model's size multiple, cut into
 overlapping `tile x tile` windows whose origins are multiples of that size
@@ -55,7 +65,7 @@ import numpy as np
 from fedjax_med.core.algorithm import FederatedAlgorithm, make_round, with_data_check
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.options import OptionError, check_positive_int
-from fedjax_med.core.streams import CROP_STREAM, PATCH_STREAM  # noqa: F401 (re-exported)
+from fedjax_med.core.streams import AUGMENT_STREAM, CROP_STREAM, PATCH_STREAM  # noqa: F401 (re-exported)
 
 # The patch stream's key is fold_in(round_key, PATCH_STREAM): a value that no
 # site id takes in practice and distinct from the server stream (2**32 - 1).
@@ -153,13 +163,144 @@ def patch_data(data: FederatedData, key: jax.Array, patches_per_image: int,
                        site_ids=data.site_ids, validate=False)
 
 
+# -- augmentation of patches ----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+  """Random augmentation of training patches (`with_patches(augment=...)`).
+
+  Geometric, applied to x and y alike (labels and FOV move with their pixels):
+    flip_h: mirror left-right (axis W) with probability 1/2;
+    flip_v: mirror up-down (axis H) with probability 1/2;
+    rot90: rotate by k quarter turns (`np.rot90(a, k)`), k uniform on {0, 1, 2, 3}.
+  Photometric, x only, inside the patch's valid pixels (y[..., valid_channel]
+  non-zero; every pixel when None or when y has one channel), for intensities
+  in [0, 1]; 0 switches a map off (it is then not computed at all):
+    gamma: exponent g = exp(u), u ~ U[-log(1 + gamma), log(1 + gamma)];
+    contrast: factor c ~ U[1 - contrast, 1 + contrast];
+    brightness: offset b ~ U[-brightness, brightness].
+  One draw of each per patch, shared by its channels (see `augment_patch`).
+  """
+  flip_h: bool = True
+  flip_v: bool = True
+  rot90: bool = True
+  brightness: float = 0.0
+  contrast: float = 0.0
+  gamma: float = 0.0
+  valid_channel: int | None = -1
+
+  def __post_init__(self):
+    for field in ("brightness", "contrast", "gamma"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+          0.0 <= value < (1.0 if field == "contrast" else float("inf"))):
+        raise OptionError(f"AugmentSpec: {field} must be a number >= 0"
+                          f"{' and < 1' if field == 'contrast' else ''}, got {value!r}")
+
+  @property
+  def photometric(self) -> bool:
+    return bool(self.brightness or self.contrast or self.gamma)
+
+
+def augment_patch(key: jax.Array, x: jax.Array, y: jax.Array, spec: AugmentSpec
+                  ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """One augmented patch: `(x' [p, p, C], y' [p, p, L], draws)`.
+
+  With keys (k_h, k_v, k_r, k_g, k_c, k_b) = `jax.random.split(key, 6)`:
+
+      f_h ~ Bernoulli(1/2) (k_h),  f_v ~ Bernoulli(1/2) (k_v),  k ~ U{0..3} (k_r)
+      T(a) = rot90^k(flipud^f_v(fliplr^f_h(a)))                 for a = x and a = y
+      z    = clip(T(x), 0, 1) ** g                               (gamma)
+      z    = m + c (z - m),   m = per-channel mean of z over the valid pixels
+                                  of T(y) (all pixels when none is valid)
+      z    = clip(z + b, 0, 1)
+      x'   = where(valid, z, T(x)),   y' = T(y)
+
+  A switched-off map is skipped (f = False, k = 0, g = c = 1, b = 0, and no
+  clip when all three photometric maps are off: x' = T(x) exactly). Pure,
+  traceable; `draws` = {"flip_h", "flip_v", "k", "gamma", "contrast",
+  "brightness"} (the values used).
+
+  Args:
+    key: the patch's key.
+    x: `[p, p, C]` intensities; y: `[p, p, L]` (or `[p, p]`) per-pixel labels.
+    spec: `AugmentSpec`.
+  """
+  k_h, k_v, k_r, k_g, k_c, k_b = jax.random.split(key, 6)
+  false, zero, one = jnp.asarray(False), jnp.asarray(0.0, jnp.float32), jnp.asarray(
+      1.0, jnp.float32)
+  f_h = jax.random.bernoulli(k_h) if spec.flip_h else false
+  f_v = jax.random.bernoulli(k_v) if spec.flip_v else false
+  k = jax.random.randint(k_r, (), 0, 4) if spec.rot90 else jnp.asarray(0, jnp.int32)
+
+  def geometric(a):
+    if spec.flip_h:
+      a = jnp.where(f_h, jnp.flip(a, 1), a)
+    if spec.flip_v:
+      a = jnp.where(f_v, jnp.flip(a, 0), a)
+    if spec.rot90:
+      if a.shape[0] != a.shape[1]:
+        raise ValueError(f"augment_patch: rot90 needs square patches, got {a.shape}")
+      a = jax.lax.switch(k, [functools.partial(jnp.rot90, k=j, axes=(0, 1))
+                             for j in range(4)], a)
+    return a
+
+  x, y = geometric(x), geometric(y)
+  log_g = float(np.log1p(spec.gamma))
+  g = jnp.exp(jax.random.uniform(k_g, (), jnp.float32, -log_g, log_g)) if spec.gamma else one
+  c = (jax.random.uniform(k_c, (), jnp.float32, 1.0 - spec.contrast, 1.0 + spec.contrast)
+       if spec.contrast else one)
+  b = (jax.random.uniform(k_b, (), jnp.float32, -spec.brightness, spec.brightness)
+       if spec.brightness else zero)
+  if spec.photometric:
+    if y.ndim == 3 and y.shape[-1] >= 2 and spec.valid_channel is not None:
+      valid = y[..., spec.valid_channel] != 0
+    else:
+      valid = jnp.ones(x.shape[:2], bool)
+    valid = jnp.where(jnp.any(valid), valid, True)
+    z = jnp.clip(x, 0.0, 1.0)
+    if spec.gamma:
+      z = z ** g
+    if spec.contrast:
+      w = valid[..., None].astype(z.dtype)
+      m = jnp.sum(z * w, axis=(0, 1)) / jnp.sum(w, axis=(0, 1))
+      z = m + c * (z - m)
+    if spec.brightness:
+      z = z + b
+    x = jnp.where(valid[..., None], jnp.clip(z, 0.0, 1.0), x)
+  draws = {"flip_h": f_h, "flip_v": f_v, "k": k, "gamma": g, "contrast": c, "brightness": b}
+  return x, y, draws
+
+
+def augment_data(data: FederatedData, key: jax.Array, spec: AugmentSpec) -> FederatedData:
+  """Every row augmented (`augment_patch`): row r of site k uses key
+  `fold_in(fold_in(key, site_ids[k]), r)`; shapes, mask and n_k unchanged.
+  Traceable; x `[K, N, p, p, C]`, y `[K, N, p, p, L]`."""
+  rows = data.mask.shape[1]
+
+  def site(x_k, y_k, site_id):
+    site_key = jax.random.fold_in(key, site_id)
+
+    def row(x_r, y_r, r):
+      x_a, y_a, _ = augment_patch(jax.random.fold_in(site_key, r), x_r, y_r, spec)
+      return x_a, y_a
+
+    return jax.vmap(row)(x_k, y_k, jnp.arange(rows, dtype=jnp.uint32))
+
+  x, y = jax.vmap(site)(data.x, data.y, data.site_ids)
+  return FederatedData(x, y, data.mask, data.site_names, data.label_type,
+                       site_ids=data.site_ids, validate=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class PatchSpec:
   """Static patch options of `with_patches`: P patches of p x p per real image per
-  round, centres admissible where `y[..., valid_channel]` is non-zero (None: all)."""
+  round, centres admissible where `y[..., valid_channel]` is non-zero (None: all);
+  `augment` (None: off) transforms them (`augment_data`)."""
   patches_per_image: int
   patch_size: int
   valid_channel: int | None = -1
+  augment: AugmentSpec | None = None
 
 
 def _patched_round(config: tuple[Callable, PatchSpec], state, data, key):
@@ -167,11 +308,14 @@ def _patched_round(config: tuple[Callable, PatchSpec], state, data, key):
   pure_round, spec = config
   patches = patch_data(data, jax.random.fold_in(key, PATCH_STREAM),
                        spec.patches_per_image, spec.patch_size, spec.valid_channel)
+  if spec.augment is not None:
+    patches = augment_data(patches, jax.random.fold_in(key, AUGMENT_STREAM), spec.augment)
   return pure_round(state, patches, key)
 
 
 def with_patches(algo: FederatedAlgorithm, *, patches_per_image: int, patch_size: int,
-                 valid_channel: int | None = -1) -> FederatedAlgorithm:
+                 valid_channel: int | None = -1,
+                 augment: AugmentSpec | None = None) -> FederatedAlgorithm:
   """`algo` trained on random patches of whole-image FederatedData (see module doc).
 
   Args:
@@ -182,6 +326,9 @@ def with_patches(algo: FederatedAlgorithm, *, patches_per_image: int, patch_size
     patch_size: p; patches are p x p (a multiple of the model's size multiple).
     valid_channel: channel of y holding the admissible centres (the FOV);
       None samples centres over the whole image.
+    augment: an `AugmentSpec` (random flips, rot90, intensity jitter per
+      patch, from AUGMENT_STREAM), or None (default): no augmentation, the
+      round computes exactly what it computed before the option existed.
 
   Returns:
     FederatedAlgorithm with the same `init` and `personalize`; its
@@ -196,7 +343,10 @@ def with_patches(algo: FederatedAlgorithm, *, patches_per_image: int, patch_size
   spec = PatchSpec(check_positive_int("with_patches", "patches_per_image",
                                       patches_per_image),
                    check_positive_int("with_patches", "patch_size", patch_size),
-                   valid_channel)
+                   valid_channel, augment)
+  if augment is not None and not isinstance(augment, AugmentSpec):
+    raise OptionError(f"with_patches: augment must be an AugmentSpec or None, got"
+                      f" {augment!r}")
   config = (algo.pure_round, spec)
   name = f"{algo.name}+patches"
 
@@ -449,6 +599,7 @@ def predict_tiled(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
   return out[0] if single else out
 
 
-__all__ = ["PATCH_STREAM", "CROP_STREAM", "crop_starts", "random_crop_data", "with_random_crops",
+__all__ = ["PATCH_STREAM", "CROP_STREAM", "AUGMENT_STREAM", "AugmentSpec", "augment_patch",
+           "augment_data", "crop_starts", "random_crop_data", "with_random_crops",
            "sample_corners", "crop", "sample_patches", "patch_data",
            "PatchSpec", "with_patches", "tile_windows", "predict_tiled"]

@@ -17,6 +17,7 @@ can never equal a site's id.
        ├─ Cyclic's visit order = fold_in(round_key, ORDER_STREAM)
        ├─ with_patches' patches = fold_in(round_key, PATCH_STREAM)
        ├─ with_random_crops' crops = fold_in(round_key, CROP_STREAM)
+       ├─ with_patches' augmentation = fold_in(round_key, AUGMENT_STREAM)
        ├─ with_availability's draw = fold_in(round_key, AVAILABILITY_STREAM)
        └─ FedBuff's event e: fold_in(fold_in(round_key, RESTART_STREAM), e);
           a job's duration jitter: fold_in(job client key, DURATION_STREAM)
@@ -43,6 +44,7 @@ ORDER_STREAM = np.uint32(2**32 - 3)
 PATCH_STREAM = np.uint32(2**32 - 2)
 AVAILABILITY_STREAM = np.uint32(2**32 - 11)
 CROP_STREAM = np.uint32(2**32 - 12)        # with_random_crops (3D volumes)
+AUGMENT_STREAM = np.uint32(2**32 - 13)     # with_patches(augment=...): flips, rot90, jitter
 RESTART_STREAM = np.uint32(2**32 - 3)      # FedBuff (it has no visit order)
 
 # Folded into a client key.
@@ -51,5 +53,5 @@ DURATION_STREAM = np.uint32(2**32 - 2)     # FedBuff: a job's duration jitter
 PERSONAL_STREAM = np.uint32(2**32 - 4)
 
 __all__ = ["SERVER_STREAM", "SAMPLING_STREAM", "ORDER_STREAM", "PATCH_STREAM",
-           "CROP_STREAM", "AVAILABILITY_STREAM", "DURATION_STREAM", "RESTART_STREAM", "STEP_STREAM",
+           "CROP_STREAM", "AUGMENT_STREAM", "AVAILABILITY_STREAM", "DURATION_STREAM", "RESTART_STREAM", "STEP_STREAM",
            "PERSONAL_STREAM"]

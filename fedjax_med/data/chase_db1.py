@@ -47,6 +47,15 @@ data so that losses (`fedjax_med.losses.segmentation`) and metrics
 random patches of these images is `fedjax_med.algorithms.segmentation.with_patches`.
 Memory: the default train and test sets hold ~540 MB of float32 arrays.
 
+Optional preprocessing (`chase_db1(preprocess=...)`; default None = RGB / 255 above):
+  * "green": x = G / 255, one channel (vessels contrast most in green);
+  * "clahe": CLAHE-style contrast normalisation inside the FOV (`clahe`) of
+    each RGB channel, three channels in [0, 1], 0 outside the FOV;
+  * "green_clahe": the same on the green channel alone, one channel.
+Labels, FOV and splits are unchanged; models built from the training images'
+statistics (`input_statistics` in experiments/retina_vessels.py) adapt to
+the channel count.
+
 Decoding: images and labels are decoded with Pillow once, checked against
 SHA256SUMS, and cached as an .npz (uint8 images, bit-packed labels and
 FOV; ~90 MB; ~1.5x faster to read than decoding) in `cache_dir()`
@@ -190,6 +199,99 @@ def fov_mask(image: np.ndarray, threshold: int = FOV_THRESHOLD,
       break
     m = filled
   return _square(m, erosion, erode=True)
+
+
+CLAHE_GRID = (8, 8)     # tiles (rows, columns)
+CLAHE_CLIP = 2.0        # clip limit, in multiples of a tile's mean count per bin
+PREPROCESS = (None, "green", "clahe", "green_clahe")
+
+
+def _edges(length: int, tiles: int) -> np.ndarray:
+  """Tile boundaries along an axis: e_i = floor(i * length / tiles), i = 0..tiles."""
+  return (np.arange(tiles + 1) * length) // tiles
+
+
+def clahe(channel: np.ndarray, fov: np.ndarray | None = None,
+          grid: tuple[int, int] = CLAHE_GRID, clip_limit: float = CLAHE_CLIP) -> np.ndarray:
+  """Contrast-limited adaptive histogram equalisation inside the FOV (Zuiderveld,
+  Graphics Gems IV, 1994), NumPy only: float32 `[H, W]` in [0, 1], 0 outside the FOV.
+
+  channel `[H, W]` uint8 (values v in 0..255); fov `[H, W]` bool (None: all
+  pixels). The image is cut into gy x gx tiles (rows [e_i, e_{i+1}) with
+  e_i = floor(i H / gy), columns likewise). For tile t, with h_t(v) the
+  number of its FOV pixels of value v and n_t = sum_v h_t(v):
+
+      L_t     = max(1, clip_limit * n_t / 256)                 clip level
+      E_t     = sum_v max(h_t(v) - L_t, 0)                     excess
+      h'_t(v) = min(h_t(v), L_t) + E_t / 256                   redistributed evenly
+      T_t(v)  = sum_{u <= v} h'_t(u) / n_t                     (T_t(v) = v / 255 if n_t = 0)
+
+  Each pixel's output is the bilinear interpolation of the mappings of the
+  (up to) four tiles whose centres surround it: with tile centres
+  c_i = (e_i + e_{i+1} - 1) / 2, the fractional tile row of pixel row r is
+  a = interp(r, c, [0..gy-1]) (clamped at the first and last centre),
+  i0 = floor(a), i1 = min(i0 + 1, gy - 1), w = a - i0 (columns likewise:
+  j0, j1, u), and
+
+      out(r, s) = (1-w)(1-u) T_{i0 j0}(v) + (1-w) u T_{i0 j1}(v)
+                  + w (1-u) T_{i1 j0}(v) + w u T_{i1 j1}(v),   v = channel(r, s).
+
+  Only FOV pixels enter the histograms, so the black surround does not
+  take half of the output range; clip_limit = inf is plain adaptive
+  equalisation, grid (1, 1) global equalisation of the FOV.
+  """
+  channel = np.asarray(channel)
+  if channel.ndim != 2 or channel.dtype != np.uint8:
+    raise ValueError(f"clahe: channel must be [H, W] uint8, got {channel.shape}"
+                     f" {channel.dtype}")
+  h, w = channel.shape
+  fov = np.ones((h, w), bool) if fov is None else np.asarray(fov, bool)
+  gy, gx = grid
+  ey, ex = _edges(h, gy), _edges(w, gx)
+  maps = np.empty((gy, gx, 256), np.float64)
+  for i in range(gy):
+    for j in range(gx):
+      tile = channel[ey[i]:ey[i + 1], ex[j]:ex[j + 1]]
+      inside = fov[ey[i]:ey[i + 1], ex[j]:ex[j + 1]]
+      hist = np.bincount(tile[inside], minlength=256).astype(np.float64)
+      n = hist.sum()
+      if n == 0:
+        maps[i, j] = np.arange(256) / 255.0
+        continue
+      limit = max(1.0, clip_limit * n / 256.0)
+      excess = np.maximum(hist - limit, 0.0).sum()
+      hist = np.minimum(hist, limit) + excess / 256.0
+      maps[i, j] = np.cumsum(hist) / n
+
+  def position(length, edges, tiles):
+    centres = (edges[:-1] + edges[1:] - 1) / 2.0
+    a = np.interp(np.arange(length), centres, np.arange(tiles, dtype=np.float64))
+    i0 = np.floor(a).astype(np.int64)
+    return i0, np.minimum(i0 + 1, tiles - 1), a - i0
+
+  i0, i1, wr = position(h, ey, gy)
+  j0, j1, wc = position(w, ex, gx)
+  v = channel.astype(np.int64)
+  wr, wc = wr[:, None], wc[None, :]
+  out = ((1 - wr) * (1 - wc) * maps[i0[:, None], j0[None, :], v]
+         + (1 - wr) * wc * maps[i0[:, None], j1[None, :], v]
+         + wr * (1 - wc) * maps[i1[:, None], j0[None, :], v]
+         + wr * wc * maps[i1[:, None], j1[None, :], v])
+  return np.where(fov, out, 0.0).astype(np.float32)
+
+
+def preprocess_image(image: np.ndarray, fov: np.ndarray, preprocess: str | None
+                     ) -> np.ndarray:
+  """One image as x `[H, W, C]` float32 for a `preprocess` option (module docstring)."""
+  if preprocess is None:
+    return np.divide(image, np.float32(255.0), dtype=np.float32)
+  if preprocess == "green":
+    return np.divide(image[..., 1:2], np.float32(255.0), dtype=np.float32)
+  if preprocess == "clahe":
+    return np.stack([clahe(image[..., c], fov) for c in range(3)], axis=-1)
+  if preprocess == "green_clahe":
+    return clahe(image[..., 1], fov)[..., None]
+  raise OptionError(f"chase_db1: preprocess must be one of {PREPROCESS}, got {preprocess!r}")
 
 
 def cache_dir() -> str:
@@ -345,7 +447,8 @@ def _site_name(children) -> str:
 
 @renamed_keyword("num_clients", "num_sites")
 def chase_db1(num_sites: int = 5, annotator: int = 1, seed: int = 0, *,
-              cache: bool = True) -> tuple[FederatedData, FederatedData]:
+              cache: bool = True, preprocess: str | None = None
+              ) -> tuple[FederatedData, FederatedData]:
   """CHASE_DB1 as (train, test) FederatedData; sites are groups of whole children.
 
   Args:
@@ -358,6 +461,9 @@ def chase_db1(num_sites: int = 5, annotator: int = 1, seed: int = 0, *,
       usual ground truth) or 2 (second observer).
     seed: seed of the children -> sites assignment.
     cache: use the decoded-array cache (see the module docstring).
+    preprocess: None (default: RGB / 255), "green", "clahe" or
+      "green_clahe" (module docstring; `clahe` has the formula); x then
+      has 1 channel for the green options.
 
   Returns:
     train: K sites named "children_NN_MM..." (n_k = 2 x children), rows
@@ -376,15 +482,19 @@ def chase_db1(num_sites: int = 5, annotator: int = 1, seed: int = 0, *,
     raise OptionError(
         f"chase_db1: annotator must be 1 (first observer) or 2 (second observer),"
         f" got {annotator!r}")
+  if preprocess not in PREPROCESS:
+    raise OptionError(f"chase_db1: preprocess must be one of {PREPROCESS}, got"
+                      f" {preprocess!r}")
   groups = client_children(num_sites, seed)
   raw = load_raw(cache=cache)
-  train = _federated(raw, groups, annotator, [_site_name(g) for g in groups])
+  train = _federated(raw, groups, annotator, [_site_name(g) for g in groups], preprocess)
   test = _federated(raw, [(c,) for c in TEST_CHILDREN], annotator,
-                    [f"child_{c:02d}" for c in TEST_CHILDREN])
+                    [f"child_{c:02d}" for c in TEST_CHILDREN], preprocess)
   return train, test
 
 
-def _federated(raw: Raw, groups, annotator: int, names) -> FederatedData:
+def _federated(raw: Raw, groups, annotator: int, names,
+               preprocess: str | None = None) -> FederatedData:
   """Stacks whole children into sites, padded (see `chase_db1`).
 
   Built directly rather than through `FederatedData.from_sites`, which would
@@ -395,12 +505,16 @@ def _federated(raw: Raw, groups, annotator: int, names) -> FederatedData:
   rows = [[raw.index(f"{c:02d}{e}") for c in children for e in EYES]
           for children in groups]
   n_max = max(len(r) for r in rows)
-  x = np.zeros((len(rows), n_max, HEIGHT, WIDTH, 3), np.float32)
+  channels = 1 if preprocess in ("green", "green_clahe") else 3
+  x = np.zeros((len(rows), n_max, HEIGHT, WIDTH, channels), np.float32)
   y = np.zeros((len(rows), n_max, HEIGHT, WIDTH, 2), np.float32)
   mask = np.zeros((len(rows), n_max), bool)
   for k, site_rows in enumerate(rows):
     for i, row in enumerate(site_rows):
-      np.divide(raw.images[row], np.float32(255.0), out=x[k, i], dtype=np.float32)
+      if preprocess is None:
+        np.divide(raw.images[row], np.float32(255.0), out=x[k, i], dtype=np.float32)
+      else:
+        x[k, i] = preprocess_image(raw.images[row], raw.fov[row], preprocess)
       y[k, i] = np.stack([raw.labels[annotator - 1, row], raw.fov[row]], axis=-1)
       mask[k, i] = True
   return FederatedData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask), names,
@@ -415,6 +529,7 @@ def fov_stats() -> dict[str, np.ndarray]:
           "vessels_outside_fov": (raw.labels[0].astype(bool) & ~raw.fov).sum(axis=(1, 2))}
 
 
-__all__ = ["chase_db1", "load_raw", "Raw", "fov_mask", "client_children", "site_image_ids",
+__all__ = ["chase_db1", "load_raw", "Raw", "fov_mask", "clahe", "preprocess_image",
+           "CLAHE_GRID", "CLAHE_CLIP", "PREPROCESS", "client_children", "site_image_ids",
            "cache_dir", "fov_stats", "HEIGHT", "WIDTH", "IMAGE_IDS", "TRAIN_CHILDREN",
            "TEST_CHILDREN", "ANNOTATORS", "FOV_THRESHOLD", "FOV_EROSION"]
