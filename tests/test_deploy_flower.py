@@ -4,14 +4,11 @@
   example app's ServerApp / ClientApp: SCAFFOLD's global parameters equal the
   simulator's `fm.run_rounds` to float32 tolerance, with each node's control
   variate kept in its SuperNode context between rounds.
-* Real processes (marker `flower_processes`, in the default suite): a SuperLink
-  and four SuperNodes as separate local processes (insecure, loopback only,
-  stopped on failure), 3 rounds started with the `flwr run` CLI, compared with
-  the simulator.
+* Real processes: tests/test_deploy_flower_processes.py (its own file, so that
+  pytest-xdist runs it beside this one).
 * `FlowerTransport` waits for K nodes and names the shortfall.
 """
 
-import json
 import os
 import sys
 
@@ -25,7 +22,6 @@ flwr = pytest.importorskip("flwr")
 
 import fedjax_med as fm  # noqa: E402
 from fedjax_med.deploy import flower as deploy_flower  # noqa: E402
-from fedjax_med.deploy import launch  # noqa: E402
 
 APP_DIR = os.path.join(os.path.dirname(__file__), "..", "experiments", "heart_disease_flower")
 sys.path.insert(0, APP_DIR)
@@ -60,29 +56,6 @@ def test_flower_simulation_runtime_equals_simulator():
   got = [np.asarray(a) for a in jax.tree_util.tree_leaves(state.params)]
   for a, b in zip(got, _simulated("scaffold", 3)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-
-
-@pytest.mark.flower_processes
-def test_superlink_and_four_supernodes_as_processes(tmp_path):
-  out = tmp_path / "out"
-  # Flower starts a ClientApp process per message: JAX's persistent compilation cache
-  # lets rounds 2 and 3 skip compiling the client update (about 20% of the run here).
-  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  with launch.local_federation(4, str(tmp_path / "flower"), env=cache) as federation:
-    federation.run(APP_DIR, {"algorithm": "scaffold", "num-rounds": 3, "seed": RUN_KEY_SEED,
-                             "out-dir": str(out), "timeout": 120.0}, timeout=170)
-    assert all(p.poll() is None for p in federation.processes)   # all still up
-  assert all(p.poll() is not None for p in federation.processes)  # all stopped
-  params = np.load(out / "params.npz")
-  for i, want in enumerate(_simulated("scaffold", 3)):
-    np.testing.assert_allclose(params[f"leaf_{i}"], want, rtol=0, atol=1e-6)
-  history = json.load(open(out / "history.json"))
-  assert history["sites"] == list(app.SITES)
-  assert history["metrics"]["online"] == [[True] * 4] * 3
-  assert history["metrics"]["uplink_bytes"][0] == [14 * 4 * 2 + 3 * 4] * 4   # Delta_k, dc_k; n_k, steps, loss
-  results = json.load(open(out / "results.json"))
-  assert {r["site"] for r in results} == {*app.SITES, "mean"}
 
 
 class _Grid:
