@@ -9,33 +9,17 @@
 * `FlowerTransport` waits for K nodes and names the shortfall.
 """
 
-import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")   # CI is offline; so are hospitals
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+from flower_common import RUN_KEY_SEED, app, simulated  # (sets Flower's env)
+
 flwr = pytest.importorskip("flwr")
 
 import fedjax_med as fm  # noqa: E402
 from fedjax_med.deploy import flower as deploy_flower  # noqa: E402
-
-APP_DIR = os.path.join(os.path.dirname(__file__), "..", "experiments", "heart_disease_flower")
-sys.path.insert(0, APP_DIR)
-import heart_disease_task as app  # noqa: E402
-
-RUN_KEY_SEED = 7
-
-
-def _simulated(name, rounds):
-  task = app.make_task({"algorithm": name})
-  train, _ = fm.datasets.heart_disease()
-  state, _ = fm.run_rounds(task.algorithm, fm.deploy.initial_state(task), train, rounds,
-                           jax.random.PRNGKey(RUN_KEY_SEED), progress=False)
-  return [np.asarray(a) for a in jax.tree_util.tree_leaves(state.params)]
 
 
 def test_flower_simulation_runtime_equals_simulator():
@@ -54,7 +38,7 @@ def test_flower_simulation_runtime_equals_simulator():
   assert events == [] and history["online"].all()
   assert [n.num_examples for n in federation.nodes] == [199, 172, 30, 85]
   got = [np.asarray(a) for a in jax.tree_util.tree_leaves(state.params)]
-  for a, b in zip(got, _simulated("scaffold", 3)):
+  for a, b in zip(got, simulated("scaffold", 3)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
@@ -92,7 +76,7 @@ def test_secagg_plus_gives_the_weighted_mean_to_quantisation_error():
   state, history, _, events = results["run"]
   assert events == [] and history["online"].all()
   got = [np.asarray(a) for a in jax.tree_util.tree_leaves(state.params)]
-  diffs = [np.max(np.abs(a - b)) for a, b in zip(got, _simulated("fedavg", 2))]
+  diffs = [np.max(np.abs(a - b)) for a, b in zip(got, simulated("fedavg", 2))]
   assert max(diffs) <= 4 * 2 * 2 * 8.0 / 4194304          # rounds x nodes x 2 levels
   assert max(diffs) > 0                                   # it was quantised, not plain
 

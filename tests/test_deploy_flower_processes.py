@@ -9,33 +9,15 @@ app (experiments/heart_disease_flower) runs 3 rounds of SCAFFOLD through the
 """
 
 import json
-import os
-import sys
 
-import jax
 import numpy as np
 import pytest
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")   # CI is offline; so are hospitals
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+from flower_common import APP_DIR, RUN_KEY_SEED, app, simulated  # (sets Flower's env)
+
 flwr = pytest.importorskip("flwr")
 
-import fedjax_med as fm  # noqa: E402
 from fedjax_med.deploy import launch  # noqa: E402
-
-APP_DIR = os.path.join(os.path.dirname(__file__), "..", "experiments", "heart_disease_flower")
-sys.path.insert(0, APP_DIR)
-import heart_disease_task as app  # noqa: E402
-
-RUN_KEY_SEED = 7
-
-
-def _simulated(name, rounds):
-  task = app.make_task({"algorithm": name})
-  train, _ = fm.datasets.heart_disease()
-  state, _ = fm.run_rounds(task.algorithm, fm.deploy.initial_state(task), train, rounds,
-                           jax.random.PRNGKey(RUN_KEY_SEED), progress=False)
-  return [np.asarray(a) for a in jax.tree_util.tree_leaves(state.params)]
 
 
 @pytest.mark.flower_processes
@@ -51,7 +33,7 @@ def test_superlink_and_four_supernodes_as_processes(tmp_path):
     assert all(p.poll() is None for p in federation.processes)   # all still up
   assert all(p.poll() is not None for p in federation.processes)  # all stopped
   params = np.load(out / "params.npz")
-  for i, want in enumerate(_simulated("scaffold", 3)):
+  for i, want in enumerate(simulated("scaffold", 3)):
     np.testing.assert_allclose(params[f"leaf_{i}"], want, rtol=0, atol=1e-6)
   history = json.load(open(out / "history.json"))
   assert history["sites"] == list(app.SITES)
