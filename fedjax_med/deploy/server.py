@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -274,12 +275,12 @@ class DeployedRound:
     log.warning("round %d: %s node %s (site %d): %s", round_index, kind, node, site, why)
 
   def __call__(self, state, federation: Federation, key):
-    import time  # pylint: disable=import-outside-toplevel
     t0 = time.perf_counter()
     if self._templates is None:
       self._templates = client_templates(self.algorithm, state, federation)
     update_t, values_t = self._templates
-    codec = self.codec if getattr(self.transport, "secure", None) is None else None
+    secure = getattr(self.transport, "secure", None) is not None
+    codec = None if secure else self.codec
     if codec is not None and not hasattr(self, "_payload_t"):
       self._payload_t = jax.eval_shape(
           lambda u, k: codec.encode(u, codec.init(u), k)[0], update_t,
@@ -308,7 +309,6 @@ class DeployedRound:
       if codec is not None:
         requests[node][0]["uplink_key/0"] = uplink_keys[c]
         requests[node][1]["uplink"] = 1
-    secure = getattr(self.transport, "secure", None) is not None
     if secure:
       return self._secure_round(state, federation, plan, requests, member_of, positions,
                                 update_t, values_t, round_index, t0)
@@ -382,7 +382,6 @@ class DeployedRound:
     """The round's exchange as Flower's SecAgg+: the server learns the weighted mean
     of the updates and each node's scalar values, not the updates
     (`fedjax_med.deploy.secagg`)."""
-    import time  # pylint: disable=import-outside-toplevel
     from fedjax_med.deploy import secagg  # pylint: disable=import-outside-toplevel
     if not getattr(self, "_secure_checked", False):
       secagg.check_secure_aggregation(self.config, values_t)
