@@ -160,15 +160,10 @@ def _site_params(tree, k):
 
 
 def lr_segments(config: Config) -> list[tuple[int, int, float]]:
-  """[(first round, end round, lr factor)]: the step decay of `config` over its rounds.
-
-  Boundary b_i = round(lr_decay_at[i] * rounds) (kept when 0 < b_i < rounds); rounds
-  [b_i, b_{i+1}) train at lr x lr_decay^(i+1). No boundary: one segment at factor 1.
-  """
-  bounds = sorted({round(f * config.rounds) for f in config.lr_decay_at}
-                  & set(range(1, config.rounds)))
-  starts, ends = [0] + bounds, bounds + [config.rounds]
-  return [(a, b, config.lr_decay ** i) for i, (a, b) in enumerate(zip(starts, ends))]
+  """[(first round, end round, lr factor)]: the step decay of `config` over its rounds
+  (`fm.training.loop.step_decay_segments`)."""
+  return fm.training.loop.step_decay_segments(config.rounds, config.lr_decay_at,
+                                              config.lr_decay)
 
 
 def measure_memory(config: Config, rounds: int) -> dict:
@@ -182,25 +177,7 @@ def measure_memory(config: Config, rounds: int) -> dict:
   without clear_refs the values are the process's peak so far (ru_maxrss when
   /proc is absent). Run one process per chunk size.
   """
-  def status_mib(field):
-    try:
-      with open("/proc/self/status") as f:
-        for line in f:
-          if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024.0
-    except OSError:
-      pass
-    import resource  # pylint: disable=import-outside-toplevel
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-  def reset_peak():
-    try:
-      with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-      return True
-    except OSError:
-      return False
-
+  memory = fm.training.memory
   model = fm.models.UNet3D(features=config.features, num_classes=3)
   loss_fn = softmax_dice(model.apply, num_classes=3)
   work = (dict(local_epochs=config.local_epochs) if config.local_epochs
@@ -211,15 +188,15 @@ def measure_memory(config: Config, rounds: int) -> dict:
   data, _ = msd_hippocampus(num_sites=SPLIT_SITES["iid"], split="iid", seed=config.split_seed)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1,) + config.crop + (1,)))
   state = algo.init(params)
-  loader_peak, rss_before = status_mib("VmHWM"), status_mib("VmRSS")
+  loader_peak, rss_before = memory.peak_rss_mib(), memory.rss_mib()
   seconds, peaks, reset = [], [], True
   for r in range(rounds):
-    reset = reset_peak() and reset
+    reset = memory.reset_peak_rss() and reset
     t = time.perf_counter()
     state, _ = algo.round(state, data, jax.random.fold_in(jax.random.PRNGKey(1), r))
     jax.block_until_ready(state.params)
     seconds.append(time.perf_counter() - t)
-    peaks.append(status_mib("VmHWM"))
+    peaks.append(memory.peak_rss_mib())
   return {"client_chunk_size": config.client_chunk_size, "sites": SPLIT_SITES["iid"],
           "data_shape": list(data.x.shape), "crop": list(config.crop),
           "work": work, "batch_size": config.batch_size, "features": list(config.features),
@@ -287,13 +264,11 @@ def run(config: Config, out_dir: str, progress: bool = True
 
   def train(name, algo, state, data, key, rounds, dataset, seed, lr):
     t = time.perf_counter()
-    losses = []
-    for first, end, factor in segments:
-      if len(segments) > 1:
-        state = fm.set_hyperparams(state, client={"learning_rate": lr * factor})
-      state, hist = fm.run_rounds(algo, state, data, end - first, key, first_round=first,
-                                  progress=progress, desc=f"{dataset} seed {seed} {name}")
-      losses += np.asarray(hist.get("train_loss", hist.get("client_train_loss"))).tolist()
+    state, hist = fm.training.loop.run_rounds_step_decay(
+        algo, state, data, rounds, key, learning_rate=lr,
+        decay_at=config.lr_decay_at, decay=config.lr_decay, progress=progress,
+        desc=f"{dataset} seed {seed} {name}")
+    losses = np.asarray(hist.get("train_loss", hist.get("client_train_loss"))).tolist()
     timings[f"train_{name}"] = timings.get(f"train_{name}", 0.0) + time.perf_counter() - t
     history.setdefault(dataset, {}).setdefault(name, {})[str(seed)] = losses
     return state

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fedjax_med.core.algorithm import FederatedAlgorithm, arrays_only, check_round_inputs
 from fedjax_med.core.federated_data import FederatedData
 from fedjax_med.core.options import OptionError, check_positive_int
-from fedjax_med.core.state import ServerState
+from fedjax_med.core.state import ServerState, set_hyperparams
 
 
 def round_key(run_key: jax.Array, round_index: int) -> jax.Array:
@@ -197,6 +197,53 @@ def _run_seeds_jit(pure_round, num_rounds, states, data, run_keys):
 
 
 
+# -- step decay of a traced learning rate ----------------------------------------
+
+def step_decay_segments(num_rounds: int, decay_at: Sequence[float] = (),
+                        decay: float = 0.3) -> list[tuple[int, int, float]]:
+  """[(first round, end round, lr factor)]: a step decay over `num_rounds` rounds.
+
+  Boundary b_i = round(decay_at[i] * num_rounds), kept when 0 < b_i < num_rounds
+  (duplicates merged); rounds [b_i, b_{i+1}) train at lr x decay^(i+1). No
+  boundary: one segment [0, num_rounds) at factor 1. E.g. (30, (2/3, 5/6), 0.3)
+  -> [(0, 20, 1.0), (20, 25, 0.3), (25, 30, 0.09)].
+  """
+  bounds = sorted({round(f * num_rounds) for f in decay_at} & set(range(1, num_rounds)))
+  starts, ends = [0] + bounds, bounds + [num_rounds]
+  return [(a, b, decay ** i) for i, (a, b) in enumerate(zip(starts, ends))]
+
+
+def run_rounds_step_decay(algo: FederatedAlgorithm, state: ServerState, data: FederatedData,
+                          num_rounds: int, run_key: jax.Array, *, learning_rate: float,
+                          decay_at: Sequence[float] = (), decay: float = 0.3,
+                          **kwargs: Any) -> tuple[ServerState, dict[str, np.ndarray]]:
+  """`run_rounds` with the client optimizer's learning rate stepped down between rounds.
+
+  Segment by segment of `step_decay_segments(num_rounds, decay_at, decay)`, the
+  client optimizer's traced `learning_rate` is set to `learning_rate x factor`
+  (`fm.set_hyperparams`, no recompilation) and `run_rounds` continues with
+  `first_round` = the segment's first round, so round r still uses
+  `fold_in(run_key, r)`: with one segment this IS `run_rounds`. The client
+  optimizer must be built with `optax.inject_hyperparams` when there is more
+  than one segment (`set_hyperparams` names the problem otherwise). The
+  histories of the segments are concatenated along rounds.
+  """
+  if "first_round" in kwargs or "checkpoint_dir" in kwargs:
+    raise OptionError("run_rounds_step_decay: first_round and checkpoint_dir are not"
+                      " supported (the segments set first_round themselves)")
+  segments = step_decay_segments(num_rounds, decay_at, decay)
+  histories = []
+  for first, end, factor in segments:
+    if len(segments) > 1:
+      state = set_hyperparams(state, client={"learning_rate": learning_rate * factor})
+    state, hist = run_rounds(algo, state, data, end - first, run_key, first_round=first,
+                             **kwargs)
+    histories.append(hist)
+  history = {k: np.concatenate([np.asarray(h[k]) for h in histories]) for k in histories[0]}
+  return state, history
+
+
+
 # -- experiment scripts: command-line overrides and the table they write --------
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -230,4 +277,4 @@ def write_table(out_dir: str, text: str) -> str:
   return path
 
 __all__ = ["run_rounds", "round_key", "run_seeds", "stack_states", "parse_seeds", "with_overrides",
-           "write_table"]
+           "write_table", "step_decay_segments", "run_rounds_step_decay"]
