@@ -57,12 +57,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+import _harness  # benchmarks/_harness.py (no jax import)
 
 import numpy as np
 
@@ -101,21 +102,7 @@ def _load(desc):
   return d["x"], d["y"], d["mask"]
 
 
-def _rss_mib() -> float:
-  """Peak resident memory of this process so far, MiB.
-
-  VmHWM (the high-water mark of this process's address space) where Linux has
-  it; ru_maxrss otherwise. ru_maxrss survives execve on Linux (a fresh worker
-  would start at its parent's peak), VmHWM does not.
-  """
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.0  # kB
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+_rss_mib = _harness.peak_rss_mib   # VmHWM, else ru_maxrss
 
 
 def _timed(fn):

@@ -33,26 +33,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
+import _harness  # benchmarks/_harness.py (no jax import)
+
 ROWS = {"w5a": ("fedjax_med", "per-client jit", "compute floor"),
         "w5b": ("fedjax_med", "fedjax_med chunk=1", "per-client jit", "compute floor")}
 
 
-def _peak_rss_mib() -> float:
-  """VmHWM (the kernel's high-water mark of resident memory), else ru_maxrss."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+_peak_rss_mib = _harness.peak_rss_mib   # VmHWM, else ru_maxrss
 
 
 def _w5a(args):

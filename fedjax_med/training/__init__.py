@@ -8,6 +8,7 @@
     evaluation, evaluation_tasks
                       per-site and pooled metrics of a trained model
     report            tidy results.json records, tables and figures
+    memory            peak resident memory of this process (benchmarks' memory columns)
     sharding          the K axis over a jax.sharding Mesh
 
 This package imports the layers below it (core ... algorithms), never the
@@ -19,9 +20,10 @@ from fedjax_med.training import checkpoint
 from fedjax_med.training import evaluation
 from fedjax_med.training import evaluation_tasks
 from fedjax_med.training import loop
+from fedjax_med.training import memory
 from fedjax_med.training import report
 from fedjax_med.training import sharding
 from fedjax_med.training.loop import run_rounds, run_seeds, stack_states
 
-__all__ = ["audit", "checkpoint", "evaluation", "evaluation_tasks", "loop", "report",
+__all__ = ["audit", "checkpoint", "evaluation", "evaluation_tasks", "loop", "memory", "report",
            "sharding", "run_rounds", "run_seeds", "stack_states"]
