@@ -93,11 +93,12 @@ class FlowerTransport:
     grid: the ServerApp's grid.
     num_sites: K, the nodes to wait for.
     wait_seconds: how long to wait for K nodes to connect.
-    query_timeout: seconds to wait for the census replies.
+    query_timeout: seconds to wait for the census replies (a node's first reply
+      includes its cold start: Python, JAX and the app imported; default 300).
   """
 
   def __init__(self, grid, num_sites: int, *, wait_seconds: float = 120.0,
-               query_timeout: float | None = 120.0, secure=None, context=None):
+               query_timeout: float | None = 300.0, secure=None, context=None):
     self.grid = grid
     self.num_sites = num_sites
     self.wait_seconds = wait_seconds
@@ -289,6 +290,7 @@ def server_app(task, *, num_rounds: int = 10, seed: int = 0,
     wait = None if wait in (None, 0, 0.0) else float(wait)
     t = resolve_task(task, context.run_config)
     transport = FlowerTransport(grid, t.num_sites, wait_seconds=wait_seconds,
+                                query_timeout=max(wait_seconds, 300.0),
                                 secure=secure_aggregation, context=context)
     result = run_federation(t, transport, rounds, jax.random.PRNGKey(run_seed),
                             out_dir=out, timeout=wait, invalid_updates=invalid_updates,
