@@ -42,8 +42,9 @@ masks are scored as drawn.
 
 Outputs in --out: results.json (tidy records: dataset, strategy, seed, site,
 split, metric, value; site = test image id "11L" .. "14R", or "mean" = the
-unweighted mean over the 8 test images), table.md (the printed tables) and
-history.json (train loss per round).
+unweighted mean over the 8 test images), table.md (the printed tables),
+history.json (train loss per round) and predictions.png (test image 11L: the fundus,
+both observers and each strategy's thresholded prediction, first seed).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from fedjax_med.models.unet import UNet
 from fedjax_med.algorithms.segmentation import AugmentSpec, predict_tiled, with_patches
 
 DATASET = "chase_db1"
+FIGURE_IMAGE = 0                     # the test image of predictions.png ("11L")
 METRICS = ("dice", "accuracy", "auc", "dice_image")
 
 
@@ -86,6 +88,8 @@ class Config:
   local_epochs: int = 1              # passes over the round's patches
   client_lr: float = 3e-3            # FedAvg clients, Adam
   baseline_lr: float = 3e-3          # local and pooled, Adam
+  lr_decay_at: tuple[float, ...] = ()  # step decay: lr x lr_decay after each fraction of rounds
+  lr_decay: float = 0.3
   dice_weight: float = 1.0
   loss_reduction: str = "batch"      # soft Dice over the whole batch
   tile: int = 544                    # 960 x 1000 padded -> 2 x 2 tiles
@@ -108,13 +112,14 @@ class Config:
 
   @classmethod
   def full(cls) -> "Config":
-    """The longer schedule toward the literature's Dice: an estimate from 40-round
-    pilots, NOT yet run (experiments/README.md, "Toward the literature (pilot)"):
-    U-Net (16, 32, 64) (117k parameters, 2.0x a default round), green-channel
-    CLAHE, flips / rot90 / jitter, threshold chosen on training images, 5x the
-    default's rounds; about 45 min on an idle 2-core CPU (extrapolated)."""
-    return cls(features=(16, 32, 64), rounds=200, preprocess="green_clahe",
-               threshold="train", augment=True, brightness=0.1, contrast=0.2, gamma=0.2)
+    """The longer schedule toward the literature's Dice (experiments/README.md,
+    "Full schedule"): U-Net (16, 32, 64) (117,041 parameters, 2.0x the cost of
+    a default round), green-channel CLAHE, flips / rot90 / jitter of the patches,
+    120 rounds (3x the default) with the learning rate stepped x0.3 after 2/3 and
+    5/6 of them, thresholds chosen on the training images."""
+    return cls(features=(16, 32, 64), rounds=120, lr_decay_at=(2 / 3, 5 / 6),
+               preprocess="green_clahe", threshold="train", augment=True,
+               brightness=0.1, contrast=0.2, gamma=0.2)
 
   def augment_spec(self) -> AugmentSpec | None:
     if not self.augment:
@@ -220,6 +225,7 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
   images, target, fov, ids = _test_arrays(test)
   raw = load_raw()
   target_2 = np.stack([raw.labels[1, raw.index(i)] > 0 for i in ids])
+  images_shown = np.stack([raw.images[raw.index(i)] for i in ids])   # the photographs
   observer = [{"dice": dice(target_2[i], target[i], fov[i]),
                "accuracy": pixel_accuracy(target_2[i], target[i], fov[i]),
                "auc": pixel_roc_auc(target_2[i].astype(np.float32), target[i], fov[i]),
@@ -229,6 +235,7 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
     c0 = (images.shape[2] - config.eval_crop) // 2
     crop = (slice(None), slice(r0, r0 + config.eval_crop), slice(c0, c0 + config.eval_crop))
     images, target, fov = images[crop], target[crop], fov[crop]
+    target_2, images_shown = target_2[crop], images_shown[crop]
   timings["load"] = time.perf_counter() - start
 
   model = UNet(features=config.features, **input_statistics(train))
@@ -240,12 +247,21 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
   patches = dict(patches_per_image=config.patches_per_image, patch_size=config.patch_size)
   if config.augment_spec() is not None:
     patches["augment"] = config.augment_spec()
+  segments = fm.training.loop.step_decay_segments(config.rounds, config.lr_decay_at,
+                                                   config.lr_decay)
+  # With a decay the learning rate is traced (set between segments, no recompile).
+  adam = optax.inject_hyperparams(optax.adam) if len(segments) > 1 else optax.adam
   fedavg = with_patches(fm.algorithms.fedavg(
-      loss_fn, client_optimizer=optax.adam(config.client_lr),
+      loss_fn, client_optimizer=adam(config.client_lr),
       local_epochs=config.local_epochs, batch_size=config.batch_size), **patches)
   baseline = with_patches(fm.algorithms.local_only(
-      loss_fn, optimizer=optax.adam(config.baseline_lr), local_epochs=config.local_epochs,
+      loss_fn, optimizer=adam(config.baseline_lr), local_epochs=config.local_epochs,
       batch_size=config.batch_size), **patches)
+
+  def fit(algo, state, data, lr, desc):
+    return fm.training.loop.run_rounds_step_decay(
+        algo, state, data, config.rounds, train_key, learning_rate=lr,
+        decay_at=config.lr_decay_at, decay=config.lr_decay, progress=progress, desc=desc)
 
   def predict(params, inputs=None):
     logits = predict_tiled(model.apply, params, images if inputs is None else inputs,
@@ -253,9 +269,13 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
                            multiple=model.size_multiple(), tile_batch=config.tile_batch)
     return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
 
-  def score(params, threshold=config.threshold):
+  figure_probs: dict[str, np.ndarray] = {}    # FIGURE_IMAGE's probabilities, first seed
+
+  def score(params, threshold=config.threshold, name=None):
     t = time.perf_counter()
     prob = predict(params)
+    if name is not None and seed == config.seeds[0]:
+      figure_probs[name] = (prob[FIGURE_IMAGE], threshold)
     out = [_scores(prob[i], target[i], fov[i], threshold) for i in range(len(ids))]
     timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - t
     return out
@@ -296,19 +316,18 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
 
     if "fedavg" in config.strategies:
       t = time.perf_counter()
-      state, hist = fm.run_rounds(fedavg, fedavg.init(params0), train, config.rounds,
-                                  train_key, progress=progress, desc=f"seed {seed} fedavg")
+      state, hist = fit(fedavg, fedavg.init(params0), train, config.client_lr,
+                        f"seed {seed} fedavg")
       timings["train_fedavg"] = timings.get("train_fedavg", 0.0) + time.perf_counter() - t
       history.setdefault("fedavg", {})[str(seed)] = hist["train_loss"].tolist()
       chosen = chosen_threshold(state.params, range(train.num_sites))
-      records += _records("fedavg", seed, ids, score(state.params, chosen[0]))
+      records += _records("fedavg", seed, ids, score(state.params, chosen[0], "FedAvg"))
       records += threshold_records("fedavg", seed, chosen)
 
     if "local" in config.strategies:
       t = time.perf_counter()
-      state, hist = fm.run_rounds(baseline, baseline.init(params0, train.num_sites), train,
-                                  config.rounds, train_key, progress=progress,
-                                  desc=f"seed {seed} local")
+      state, hist = fit(baseline, baseline.init(params0, train.num_sites), train,
+                        config.baseline_lr, f"seed {seed} local")
       timings["train_local"] = timings.get("train_local", 0.0) + time.perf_counter() - t
       history.setdefault("local", {})[str(seed)] = hist["client_train_loss"].tolist()
       site_models = jax.device_get(state.client_states["params"])
@@ -316,7 +335,7 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
       for k in range(train.num_sites):
         params_k = jax.tree_util.tree_map(lambda a, k=k: a[k], site_models)
         chosen = chosen_threshold(params_k, [k])
-        per_model.append(score(params_k, chosen[0]))
+        per_model.append(score(params_k, chosen[0], f"local (clinic {k})" if k == 0 else None))
         records += threshold_records(f"local_{k}", seed, chosen)
       for k, per_image in enumerate(per_model):
         records += _records(f"local_{k}", seed, ids, per_image)
@@ -326,22 +345,50 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
 
     if "pooled" in config.strategies:
       t = time.perf_counter()
-      state, hist = fm.run_rounds(baseline, baseline.init(params0, 1), pooled_train,
-                                  config.rounds, train_key, progress=progress,
-                                  desc=f"seed {seed} pooled")
+      state, hist = fit(baseline, baseline.init(params0, 1), pooled_train,
+                        config.baseline_lr, f"seed {seed} pooled")
       timings["train_pooled"] = timings.get("train_pooled", 0.0) + time.perf_counter() - t
       history.setdefault("pooled", {})[str(seed)] = hist["client_train_loss"][:, 0].tolist()
       params = jax.tree_util.tree_map(lambda a: a[0],
                                       jax.device_get(state.client_states["params"]))
       chosen = chosen_threshold(params, range(train.num_sites))
-      records += _records("pooled", seed, ids, score(params, chosen[0]))
+      records += _records("pooled", seed, ids, score(params, chosen[0], "pooled"))
       records += threshold_records("pooled", seed, chosen)
 
   os.makedirs(out_dir, exist_ok=True)
   fm.report.save_records(records, out_dir)
   with open(os.path.join(out_dir, "history.json"), "w") as f:
     json.dump(history, f)
+  figure(os.path.join(out_dir, "predictions.png"), images_shown[FIGURE_IMAGE],
+         target[FIGURE_IMAGE], target_2[FIGURE_IMAGE], fov[FIGURE_IMAGE], figure_probs,
+         f"{ids[FIGURE_IMAGE]}, seed {config.seeds[0]}")
   return records, timings
+
+
+def figure(path: str, fundus, observer_1, observer_2, fov, predictions: dict,
+           title: str) -> str:
+  """One test image side by side: the fundus photograph, both observers' vessel
+  masks and each strategy's thresholded prediction (inside the FOV), as a PNG."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  panels = [("fundus", fundus), ("1st observer (reference)", observer_1),
+            ("2nd observer", observer_2)]
+  for name, (prob, threshold) in predictions.items():
+    pred = (prob > threshold) & fov
+    panels.append((f"{name}: Dice {dice(pred, observer_1, fov):.3f}", pred))
+  fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
+  for ax, (name, image) in zip(np.atleast_1d(axes), panels):
+    ax.imshow(image if image.ndim == 3 else image, cmap=None if image.ndim == 3 else "gray",
+              interpolation="nearest")
+    ax.set_title(name, fontsize=7)
+    ax.axis("off")
+  fig.suptitle(f"CHASE_DB1 test image {title}: vessels vs the 1st observer (Dice in the FOV)",
+               fontsize=8)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return path
 
 
 def tables(records: list[dict], num_sites: int) -> str:

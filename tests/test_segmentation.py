@@ -358,3 +358,7 @@ def test_retina_vessels_smoke(tmp_path):
       assert 0.0 <= v <= 1.0
   table = (out / "table.md").read_text()
   assert "observer_2" in table and "dice" in table
+  # The figure: fundus, two observers, FedAvg, one local model, pooled, side by side.
+  from PIL import Image
+  with Image.open(out / "predictions.png") as figure:
+    assert figure.format == "PNG" and figure.width > 4 * figure.height
