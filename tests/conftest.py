@@ -151,3 +151,18 @@ def sites():
 @pytest.fixture
 def data(sites):
   return fm.FederatedData.from_sites(sites, ["a", "b", "c"], label_type="binary")
+
+
+def multiclass_volume_sites(num_sites=2, n=4, size=8, seed=0):
+  """Volumes whose class is a function of the voxel's intensity; last 2 z-slices padded."""
+  rng = np.random.default_rng(seed)
+  sites = []
+  for k in range(num_sites):
+    x = rng.normal(size=(n + k, size, size, size, 1)).astype(np.float32)
+    target = np.where(x[..., 0] > 0.8, 1, np.where(x[..., 0] < -0.8, 2, 0)).astype(np.float32)
+    valid = np.ones_like(target)
+    valid[..., -2:] = 0
+    x[..., -2:, :] = 0.0
+    target[..., -2:] = 0
+    sites.append((x, np.stack([target, valid], -1)))
+  return fm.FederatedData.from_sites(sites, label_type="multiclass")
