@@ -287,6 +287,37 @@ plt.xlabel("round")
 plt.ylabel("FedAvg training loss")
 plt.show()
 """),
+    ("md", """
+## Segmentation: retinal vessels (CHASE_DB1) and 3D hippocampus (MSD Task04)
+
+Both take longer than a notebook should, so they run as scripts; here are the data and
+the figures their long schedules wrote (`experiments/README.md` has the tables, seeds
+and run times):
+
+* `python experiments/retina_vessels.py --full`: 5 clinics of 2 children each, a U-Net
+  on 48 x 48 patches (green-channel CLAHE, flips / rotations / intensity jitter), FedAvg
+  vs each clinic alone vs pooled, scored against the 1st observer with the 2nd observer
+  as the human reference.
+* `python experiments/hippocampus.py --full`: a 3D U-Net on T1 MRI crops, FedAvg,
+  FedProx, fine-tuning, local and pooled. The data come from ONE hospital: every site
+  split is simulated.
+"""),
+    ("code", """
+import os
+from IPython.display import Image, display
+
+train_rv, test_rv = fm.datasets.chase_db1()
+print(train_rv)
+print(test_rv)
+volumes, _ = fm.datasets.msd_hippocampus(num_sites=4, split="iid", seed=0)
+print(volumes)
+"""),
+    ("code", """
+# experiments/figures of this checkout (fedjax_med is installed from it with pip -e)
+figures = os.path.join(os.path.dirname(os.path.dirname(fm.__file__)), "experiments", "figures")
+display(Image(os.path.join(figures, "retina_vessels_full_predictions.png")))
+display(Image(os.path.join(figures, "hippocampus_full_encoding_slices.png")))
+"""),
 ]
 
 CUSTOM_ALGORITHM = [
