@@ -378,6 +378,7 @@ def main(argv=None) -> int:
   parser.add_argument("--memory", type=int, metavar="ROUNDS",
                       help="instead of the experiment: run ROUNDS FedAvg rounds of the"
                       " schedule (iid, 4 sites) and write the peak RSS to --out/memory.json")
+  parser.add_argument("--batch-size", type=int, help="examples per local step (all strategies)")
   parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
   args = parser.parse_args(argv)
   config = Config.smoke() if args.smoke else Config.full() if args.full else Config()
@@ -394,7 +395,8 @@ def main(argv=None) -> int:
                          f" choose from {list(known)}")
   config = fm.training.loop.with_overrides(config, rounds=args.rounds, seeds=args.seeds,
                                            splits=splits, strategies=strategies,
-                                           client_chunk_size=args.client_chunk_size)
+                                           client_chunk_size=args.client_chunk_size,
+                                           batch_size=args.batch_size)
   if args.memory:
     result = measure_memory(config, args.memory)
     os.makedirs(args.out, exist_ok=True)
