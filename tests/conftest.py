@@ -166,3 +166,13 @@ def multiclass_volume_sites(num_sites=2, n=4, size=8, seed=0):
     target[..., -2:] = 0
     sites.append((x, np.stack([target, valid], -1)))
   return fm.FederatedData.from_sites(sites, label_type="multiclass")
+
+
+def count_convs(jaxpr) -> int:
+  """conv_general_dilated equations in a (Closed)Jaxpr and all its sub-jaxprs."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "conv_general_dilated"
+    count += sum(count_convs(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+  return count

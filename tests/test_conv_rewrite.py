@@ -23,6 +23,8 @@ from jax import lax
 
 from fedjax_med.core.conv import conv_general_dilated_as_matmul, convs_as_matmuls
 
+from conftest import count_convs
+
 RTOL = ATOL = 1e-5
 K = 3  # clients
 
@@ -45,17 +47,6 @@ def _f64(fn, *args):
     return jax.tree_util.tree_map(np.asarray, jax.jit(fn)(*args64))
 
 
-def _count_convs(closed) -> int:
-  """conv_general_dilated equations in a jaxpr, sub-jaxprs included."""
-  jaxpr = closed.jaxpr if hasattr(closed, "jaxpr") else closed
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == "conv_general_dilated"
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      n += _count_convs(sub)
-  return n
-
-
 def _value_and_grads(loss):
   """vmap over clients of (loss, d loss / d arg0, d loss / d arg1), jitted."""
   return jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(0, 1))))
@@ -64,8 +55,8 @@ def _value_and_grads(loss):
 def _check_rewrite(loss, *args):
   """Rewritten loss in float32 vs native loss in float64: values, grads, no conv left."""
   native, rewritten = _value_and_grads(loss), _value_and_grads(convs_as_matmuls(loss))
-  assert _count_convs(jax.make_jaxpr(native)(*args)) > 0
-  assert _count_convs(jax.make_jaxpr(rewritten)(*args)) == 0
+  assert count_convs(jax.make_jaxpr(native)(*args)) > 0
+  assert count_convs(jax.make_jaxpr(rewritten)(*args)) == 0
   got = rewritten(*args)
   _close(got, _f64(_value_and_grads(loss), *args))
   return got
@@ -242,8 +233,8 @@ def test_small_cnn_sgd_scan_under_vmap_over_4_clients():
                                                                            n_clients))
   native = jax.jit(jax.vmap(_sgd_scan(model.apply)))
   rewritten = jax.jit(jax.vmap(_sgd_scan(convs_as_matmuls(model.apply))))
-  assert _count_convs(jax.make_jaxpr(native)(params, xs, ys)) > 0
-  assert _count_convs(jax.make_jaxpr(rewritten)(params, xs, ys)) == 0
+  assert count_convs(jax.make_jaxpr(native)(params, xs, ys)) > 0
+  assert count_convs(jax.make_jaxpr(rewritten)(params, xs, ys)) == 0
   got = rewritten(params, xs, ys)
   ref = _f64(native, params, xs, ys)
   _close(got, ref, rtol=1e-4, atol=1e-4)
@@ -326,10 +317,10 @@ def test_convs_inside_higher_order_primitives_are_rewritten(name):
   x = jax.random.normal(jax.random.key(8), (K, 2, 6, 5, 4))
   loss = lambda k, x: jnp.sum(jnp.sin(f(k, x)))
   g = convs_as_matmuls(loss)
-  assert _count_convs(jax.make_jaxpr(loss)(k[0], x[0])) > 0
-  assert _count_convs(jax.make_jaxpr(g)(k[0], x[0])) == 0
+  assert count_convs(jax.make_jaxpr(loss)(k[0], x[0])) > 0
+  assert count_convs(jax.make_jaxpr(g)(k[0], x[0])) == 0
   if name != "while":  # reverse-mode through a while loop does not exist
-    assert _count_convs(jax.make_jaxpr(jax.grad(g, argnums=(0, 1)))(k[0], x[0])) == 0
+    assert count_convs(jax.make_jaxpr(jax.grad(g, argnums=(0, 1)))(k[0], x[0])) == 0
     _check_rewrite(loss, k, x)
   else:
     _close(jax.jit(jax.vmap(g))(k, x), _f64(jax.vmap(loss), k, x))
@@ -364,8 +355,8 @@ def test_rewriting_a_gradient_function():
       x, k, (2, 2), ((1, 0), (0, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))))
   grad = jax.grad(loss, argnums=(0, 1))
   g = convs_as_matmuls(grad)
-  assert _count_convs(jax.make_jaxpr(grad)(k, x)) >= 2
-  assert _count_convs(jax.make_jaxpr(g)(k, x)) == 0
+  assert count_convs(jax.make_jaxpr(grad)(k, x)) >= 2
+  assert count_convs(jax.make_jaxpr(g)(k, x)) == 0
   _close(jax.jit(g)(k, x), _f64(grad, k, x))
 
 
@@ -442,16 +433,6 @@ def _loss_for(model):
   return loss
 
 
-def _round_conv_eqns(jaxpr) -> int:
-  """conv_general_dilated equations in a (Closed)Jaxpr and all its sub-jaxprs."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == "conv_general_dilated"
-    count += sum(_round_conv_eqns(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
-  return count
-
-
 def test_round_selects_only_per_client_kernels():
   """nn.Conv kernels (the weights) are selected; PatchConv's identity kernel and
   UNet's custom-rule convolutions are not."""
@@ -486,8 +467,8 @@ def test_fedavg_round_of_a_user_nn_conv_cnn_matches_native_convolutions():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
                s_fast.params, s_native.params)
   np.testing.assert_allclose(m_fast["train_loss"], m_native["train_loss"], rtol=2e-5)
-  assert _round_conv_eqns(jax.make_jaxpr(fast.pure_round)(s_fast, data, key)) == 0
-  assert _round_conv_eqns(jax.make_jaxpr(native.pure_round)(s_native, data, key)) > 0
+  assert count_convs(jax.make_jaxpr(fast.pure_round)(s_fast, data, key)) == 0
+  assert count_convs(jax.make_jaxpr(native.pure_round)(s_native, data, key)) > 0
 
 
 def test_models_without_per_client_kernels_run_exactly_as_written():

@@ -25,19 +25,10 @@ from fedjax_med.core import conv as conv_lib
 from fedjax_med.losses.segmentation import softmax_dice
 from fedjax_med.models.unet3d import UNet3D
 
-from conftest import multiclass_volume_sites
+from conftest import count_convs, multiclass_volume_sites
 
 
 # ---------------------------------------------------------------- the conv path
-
-
-def _count_convs(closed) -> int:
-  jaxpr = getattr(closed, "jaxpr", closed)
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == "conv_general_dilated"
-    n += sum(_count_convs(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
-  return n
 
 
 def _cast(tree, dtype):
@@ -100,9 +91,9 @@ def test_convs_as_matmuls_under_vmap_matches_native_float64(norm):
   model = UNet3D(features=(4, 8), norm=norm, conv="native")
   params, x, ct, ref = _native_float64_reference(norm)
   fast = lambda ct: jax.vmap(_outputs_and_grads(fm.convs_as_matmuls(model.apply), ct))
-  assert _count_convs(jax.make_jaxpr(_outputs_and_grads(model.apply, ct))(
+  assert count_convs(jax.make_jaxpr(_outputs_and_grads(model.apply, ct))(
       jax.tree_util.tree_map(lambda a: a[0], params), x[0])) > 0
-  assert _count_convs(jax.make_jaxpr(fast(ct))(params, x)) == 0
+  assert count_convs(jax.make_jaxpr(fast(ct))(params, x)) == 0
   with jax.enable_x64(True):
     p64, x64, ct64 = _cast((params, x, ct), np.float64)
     _close(jax.jit(fast(ct64))(p64, x64), ref, rtol=1e-10)
