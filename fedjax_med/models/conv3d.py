@@ -80,6 +80,8 @@ import jax.numpy as jnp
 from jax import custom_batching
 from jax import lax
 
+from fedjax_med.models._batching import per_client_kernels
+
 _DIMENSIONS_2D = ("NHWC", "HWIO", "NHWC")
 
 
@@ -139,31 +141,7 @@ def _forward(x: jax.Array, kernel: jax.Array, prefer_in_stack: bool) -> jax.Arra
   return _forward_out_stack(x, kernel)
 
 
-def _per_client(fn):
-  """fn(x, kernel) with x [B, ...] -> [B, ...] per batch element, wrapped so that
-  vmap folds a batch of x over a shared kernel into B and maps (`lax.map`) over a
-  batch of kernels."""
-
-  @custom_batching.custom_vmap
-  def mapped(x, kernel):
-    return fn(x, kernel)
-
-  @mapped.def_vmap
-  def rule(axis_size, in_batched, x, kernel):
-    x_batched, kernel_batched = in_batched
-    if not kernel_batched:
-      if not x_batched:
-        return mapped(x, kernel), False
-      n, b = x.shape[:2]
-      out = mapped(x.reshape((n * b,) + x.shape[2:]), kernel)
-      return out.reshape((n, b) + out.shape[1:]), True
-    if x_batched:
-      return lax.map(lambda xk: mapped(*xk), (x, kernel)), True
-    return lax.map(lambda k: mapped(x, k), kernel), True
-
-  return mapped
-
-
+_per_client = per_client_kernels    # models/_batching.py
 _forward_batched = _per_client(lambda x, k: _forward(x, k, prefer_in_stack=True))
 _input_grad_batched = _per_client(lambda g, k: _forward(g, k, prefer_in_stack=False))
 

@@ -46,7 +46,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import custom_batching
+
+from fedjax_med.models._batching import per_client_kernels
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -56,25 +57,8 @@ def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                       dimension_numbers=_DIMENSIONS)
 
 
-@custom_batching.custom_vmap
-def _conv_unbatched(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return _lax_conv(x, kernel)
-
-
-@_conv_unbatched.def_vmap
-def _conv_vmap_rule(axis_size, in_batched, x, kernel):
-  x_batched, kernel_batched = in_batched
-  if not kernel_batched:
-    if not x_batched:
-      return _conv_unbatched(x, kernel), False
-    n, b = x.shape[:2]
-    out = _conv_unbatched(x.reshape((n * b,) + x.shape[2:]), kernel)
-    return out.reshape((n, b) + out.shape[1:]), True
-  # One ordinary convolution per kernel, in a loop (a short program to compile;
-  # forward convolutions stay on the fast path inside loops).
-  if x_batched:
-    return jax.lax.map(lambda xk: _conv_unbatched(*xk), (x, kernel)), True
-  return jax.lax.map(lambda k: _conv_unbatched(x, k), kernel), True
+# One ordinary convolution per client under the round's vmap (models/_batching.py).
+_conv_unbatched = per_client_kernels(_lax_conv)
 
 
 def _kernel_grad(x, g, kh, kw):
