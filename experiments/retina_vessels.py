@@ -116,7 +116,9 @@ class Config:
     "Full schedule"): U-Net (16, 32, 64) (117,041 parameters, 2.0x the cost of
     a default round), green-channel CLAHE, flips / rot90 / jitter of the patches,
     120 rounds (3x the default) with the learning rate stepped x0.3 after 2/3 and
-    5/6 of them, thresholds chosen on the training images."""
+    5/6 of them, thresholds chosen on the training images. Measured (seeds 0-2):
+    Dice in the FOV pooled 0.785, FedAvg 0.779, local 0.763; 48-49 min per seed on
+    a shared 2-core CPU."""
     return cls(features=(16, 32, 64), rounds=120, lr_decay_at=(2 / 3, 5 / 6),
                preprocess="green_clahe", threshold="train", augment=True,
                brightness=0.1, contrast=0.2, gamma=0.2)
