@@ -271,7 +271,8 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
                            multiple=model.size_multiple(), tile_batch=config.tile_batch)
     return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
 
-  figure_probs: dict[str, np.ndarray] = {}    # FIGURE_IMAGE's probabilities, first seed
+  # name -> (FIGURE_IMAGE's probabilities [H, W], the model's threshold), first seed
+  figure_probs: dict[str, tuple[np.ndarray, float]] = {}
 
   def score(params, threshold=config.threshold, name=None):
     t = time.perf_counter()
@@ -381,8 +382,7 @@ def figure(path: str, fundus, observer_1, observer_2, fov, predictions: dict,
     panels.append((f"{name}: Dice {dice(pred, observer_1, fov):.3f}", pred))
   fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
   for ax, (name, image) in zip(np.atleast_1d(axes), panels):
-    ax.imshow(image if image.ndim == 3 else image, cmap=None if image.ndim == 3 else "gray",
-              interpolation="nearest")
+    ax.imshow(image, cmap=None if image.ndim == 3 else "gray", interpolation="nearest")
     ax.set_title(name, fontsize=7)
     ax.axis("off")
   fig.suptitle(f"CHASE_DB1 test image {title}: vessels vs the 1st observer (Dice in the FOV)",
