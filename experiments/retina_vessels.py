@@ -66,7 +66,8 @@ from fedjax_med.data.chase_db1 import chase_db1, load_raw, site_image_ids
 from fedjax_med.losses.segmentation import bce_dice
 from fedjax_med.metrics.segmentation import dice, pixel_accuracy, pixel_roc_auc
 from fedjax_med.models.unet import UNet
-from fedjax_med.algorithms.segmentation import AugmentSpec, predict_tiled, with_patches
+from fedjax_med.algorithms.segmentation import (DIHEDRAL_COUNTS, AugmentSpec, dihedral_average, predict_tiled,
+                                                with_patches)
 
 DATASET = "chase_db1"
 FIGURE_IMAGE = 0                     # the test image of predictions.png ("11L")
@@ -96,6 +97,8 @@ class Config:
   margin: int = 32                   # >= the U-Net's receptive radius (23)
   tile_batch: int = 2
   threshold: float | str = 0.5       # or "train": chosen on each model's training images
+  tta: int = 1                       # test-time averaging over 1 / 2 / 4 / 8 flips and
+                                     # rotations (dihedral_average), test and threshold images
   eval_crop: int | None = None       # models scored on the central crop (smoke only)
   # Options toward the literature (issue 16); the defaults switch them off.
   augment: bool = False              # AugmentSpec(flips, rot90, the jitter below)
@@ -217,6 +220,9 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
   if unknown or not config.strategies:
     raise ValueError(f"retina_vessels: strategies must be a non-empty subset of fedavg,"
                      f" local, pooled; got {config.strategies}")
+  if config.tta not in DIHEDRAL_COUNTS or isinstance(config.tta, bool):
+    raise ValueError(f"retina_vessels: tta must be one of {DIHEDRAL_COUNTS}, got"
+                     f" {config.tta!r}")
   if not (config.threshold == "train" or isinstance(config.threshold, (int, float))):
     raise ValueError(f"retina_vessels: threshold must be a number or 'train', got"
                      f" {config.threshold!r}")
@@ -265,11 +271,18 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
         algo, state, data, config.rounds, train_key, learning_rate=lr,
         decay_at=config.lr_decay_at, decay=config.lr_decay, progress=progress, desc=desc)
 
-  def predict(params, inputs=None):
-    logits = predict_tiled(model.apply, params, images if inputs is None else inputs,
-                           tile=config.tile, margin=config.margin,
-                           multiple=model.size_multiple(), tile_batch=config.tile_batch)
+  def probabilities(params, inputs):
+    logits = predict_tiled(model.apply, params, inputs, tile=config.tile,
+                           margin=config.margin, multiple=model.size_multiple(),
+                           tile_batch=config.tile_batch)
     return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+
+  def predict(params, inputs=None):
+    inputs = images if inputs is None else inputs
+    if config.tta == 1:
+      return probabilities(params, inputs)
+    return np.asarray(dihedral_average(lambda x: probabilities(params, x).astype(np.float32),
+                                       inputs, transforms=config.tta), np.float64)
 
   # name -> (FIGURE_IMAGE's probabilities [H, W], the model's threshold), first seed
   figure_probs: dict[str, tuple[np.ndarray, float]] = {}
@@ -309,6 +322,14 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
     return fm.report.records_from_report(DATASET, strategy, seed, "train", {
         "train_images": {"threshold": chosen[0], "dice": chosen[1]}})
 
+  # The trained models, for re-scoring without retraining: params/<strategy>_seed<s>.npz
+  # (fm.training.checkpoint.save_state_file; "local" holds the K clinics' models
+  # stacked on a leading axis). Load with load_state_file and a model.init template.
+  def save_params(strategy, seed, params):
+    os.makedirs(os.path.join(out_dir, "params"), exist_ok=True)
+    fm.training.checkpoint.save_state_file(
+        params, os.path.join(out_dir, "params", f"{strategy}_seed{seed}.npz"))
+
   records: list[dict] = []
   history: dict[str, dict[str, list]] = {}
   for seed in config.seeds:
@@ -323,6 +344,7 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
                         f"seed {seed} fedavg")
       timings["train_fedavg"] = timings.get("train_fedavg", 0.0) + time.perf_counter() - t
       history.setdefault("fedavg", {})[str(seed)] = hist["train_loss"].tolist()
+      save_params("fedavg", seed, state.params)
       chosen = chosen_threshold(state.params, range(train.num_sites))
       records += _records("fedavg", seed, ids, score(state.params, chosen[0], "FedAvg"))
       records += threshold_records("fedavg", seed, chosen)
@@ -334,6 +356,7 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
       timings["train_local"] = timings.get("train_local", 0.0) + time.perf_counter() - t
       history.setdefault("local", {})[str(seed)] = hist["client_train_loss"].tolist()
       site_models = jax.device_get(state.client_states["params"])
+      save_params("local", seed, site_models)
       per_model = []
       for k in range(train.num_sites):
         params_k = jax.tree_util.tree_map(lambda a, k=k: a[k], site_models)
@@ -354,6 +377,7 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
       history.setdefault("pooled", {})[str(seed)] = hist["client_train_loss"][:, 0].tolist()
       params = jax.tree_util.tree_map(lambda a: a[0],
                                       jax.device_get(state.client_states["params"]))
+      save_params("pooled", seed, params)
       chosen = chosen_threshold(params, range(train.num_sites))
       records += _records("pooled", seed, ids, score(params, chosen[0], "pooled"))
       records += threshold_records("pooled", seed, chosen)
@@ -410,6 +434,8 @@ def main(argv=None) -> int:
                       help="the longer schedule toward the literature (Config.full)")
   parser.add_argument("--threshold", type=str,
                       help="a number, or 'train': chosen on each model's training images")
+  parser.add_argument("--tta", type=int,
+                      help="test-time averaging over 1, 2, 4 or 8 flips / rotations")
   parser.add_argument("--strategies", type=str,
                       help="comma-separated subset of fedavg,local,pooled (default all)")
   parser.add_argument("--out", type=str, default="results/retina_vessels",
@@ -426,7 +452,8 @@ def main(argv=None) -> int:
   strategies = (tuple(s.strip() for s in args.strategies.split(",") if s.strip())
                 if args.strategies else None)
   config = fm.training.loop.with_overrides(config, rounds=args.rounds, seeds=args.seeds,
-                                           threshold=threshold, strategies=strategies)
+                                           threshold=threshold, strategies=strategies,
+                                           tta=args.tta)
   start = time.perf_counter()
   records, timings = run(config, args.out, progress=not args.no_progress)
   elapsed = time.perf_counter() - start

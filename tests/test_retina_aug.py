@@ -247,3 +247,69 @@ def test_train_threshold_is_the_argmax_of_pooled_dice():
   p = np.array([[0.05, 0.19, 0.31, 0.9]])
   t = np.array([[False, False, True, True]])
   assert rv.train_threshold([p], [t], [np.ones_like(t)]) == (0.19, 1.0)
+
+
+# -- test-time dihedral averaging -----------------------------------------------------
+
+def _position_dependent(xp):
+  """A pixel map that is NOT equivariant (its output depends on where a pixel is),
+  in NumPy or jax.numpy: [N, H, W, 2] -> [N, H, W]."""
+  def f(x):
+    h, w = x.shape[1:3]
+    rows = xp.arange(h, dtype=xp.float32)[:, None]
+    cols = xp.arange(w, dtype=xp.float32)[None, :]
+    return x[..., 0] * (rows + 1.0) + x[..., 1] * xp.sqrt(cols + 2.0) + 0.01 * rows * cols
+  return f
+
+
+def test_dihedral_average_equals_a_numpy_loop_over_the_symmetries():
+  from fedjax_med.algorithms.segmentation import dihedral_average
+  x = np.random.default_rng(0).normal(size=(2, 5, 7, 2)).astype(np.float32)   # H != W
+  f_np = _position_dependent(np)
+  # Reference groups, written with np.rot90 / np.flip on axes (1, 2) (not the
+  # library's flip-then-swap enumeration): each element g and its inverse.
+  rot = lambda k: (lambda a: np.rot90(a, k, axes=(1, 2)))
+  flip_w = lambda a: np.flip(a, axis=2)
+  flip_h = lambda a: np.flip(a, axis=1)
+  identity = lambda a: a
+  groups = {
+      1: [(identity, identity)],
+      2: [(identity, identity), (flip_w, flip_w)],
+      4: [(identity, identity), (flip_w, flip_w), (flip_h, flip_h), (rot(2), rot(2))],
+      8: [(rot(k), rot(-k)) for k in range(4)]
+         + [((lambda a, k=k: flip_w(rot(k)(a))), (lambda a, k=k: rot(-k)(flip_w(a))))
+            for k in range(4)],
+  }
+  for transforms, group in groups.items():
+    reference = np.mean([inverse(f_np(g(x.astype(np.float64)))) for g, inverse in group], 0)
+    got = dihedral_average(_position_dependent(jnp), x, transforms=transforms)
+    assert got.shape == (2, 5, 7)
+    np.testing.assert_allclose(np.asarray(got), reference, rtol=1e-5, atol=1e-5)
+  # Not a no-op: the 8-fold mean differs from the plain prediction by O(1).
+  assert np.abs(np.asarray(dihedral_average(_position_dependent(jnp), x))
+                - f_np(x)).max() > 0.5
+  # An equivariant (pixel-wise) map is left unchanged by the averaging.
+  pixelwise = lambda a: jnp.tanh(a[..., 0] - 2.0 * a[..., 1])
+  np.testing.assert_allclose(np.asarray(dihedral_average(pixelwise, x)),
+                             np.tanh(x[..., 0] - 2.0 * x[..., 1]), rtol=1e-6, atol=1e-6)
+
+
+def test_dihedral_average_rejects_bad_options():
+  from fedjax_med.algorithms.segmentation import dihedral_average
+  x = np.zeros((1, 4, 6, 1), np.float32)
+  for bad in (0, 3, 16, True):
+    with pytest.raises(OptionError, match="transforms"):
+      dihedral_average(lambda a: a[..., 0], x, transforms=bad)
+  with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
+    dihedral_average(lambda a: a[..., 0], x[0], transforms=2)
+  # A prediction that loses the pixel grid is named, not broadcast.
+  with pytest.raises(ValueError, match="keep"):
+    dihedral_average(lambda a: a[:, :2, :, 0], x, transforms=2)
+
+
+def test_retina_experiment_rejects_an_unknown_tta_before_loading(tmp_path):
+  rv = _experiment()
+  for bad in (3, 0, True):
+    with pytest.raises(ValueError, match="tta"):
+      rv.run(rv.dataclasses.replace(rv.Config.smoke(), tta=bad), str(tmp_path),
+             progress=False)

@@ -362,3 +362,13 @@ def test_retina_vessels_smoke(tmp_path):
   from PIL import Image
   with Image.open(out / "predictions.png") as figure:
     assert figure.format == "PNG" and figure.width > 4 * figure.height
+  # The trained models, saved for re-scoring: one file per strategy and seed, with the
+  # U-Net's leaves; the local file holds both clinics' models on a leading axis.
+  config = module.Config.smoke()
+  template = module.UNet(features=config.features).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, config.patch_size, config.patch_size, 3)))
+  for strategy, leading in (("fedavg", ()), ("pooled", ()), ("local", (2,))):
+    like = jax.tree_util.tree_map(lambda a: np.zeros(leading + a.shape, a.dtype), template)
+    loaded = fm.training.checkpoint.load_state_file(
+        str(out / "params" / f"{strategy}_seed0.npz"), like)
+    assert all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(loaded))

@@ -599,7 +599,70 @@ def predict_tiled(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
   return out[0] if single else out
 
 
+# -- test-time dihedral averaging ------------------------------------------------
+
+DIHEDRAL_COUNTS = (1, 2, 4, 8)
+
+
+def _dihedral(a, index: int, inverse: bool = False):
+  """The `index`-th of the 8 symmetries of the square on axes (1, 2) of `a`
+  ([N, H, W, ...]): bit 0 flips W, bit 1 flips H, bit 2 swaps H and W (applied
+  last; the inverse undoes the swap first)."""
+  def flips(b):
+    if index & 1:
+      b = jnp.flip(b, axis=2)
+    if index & 2:
+      b = jnp.flip(b, axis=1)
+    return b
+
+  def swap(b):
+    return jnp.swapaxes(b, 1, 2) if index & 4 else b
+
+  return flips(swap(a)) if inverse else swap(flips(a))
+
+
+def dihedral_average(predict_fn: Callable[[jax.Array], jax.Array], images, *,
+                     transforms: int = 8) -> jax.Array:
+  """Test-time augmentation: the mean of `predict_fn` over symmetries of the images.
+
+      out = (1 / T) sum_{g in G_T} g^{-1}( predict_fn( g(images) ) )
+
+  with G_1 = {identity}, G_2 = {identity, flip W}, G_4 = the flips of H and W,
+  G_8 = the dihedral group of the square (flips and the H <-> W swap: every
+  rotation by 90 degrees and reflection). Models trained with flip / rot90
+  augmentation (`AugmentSpec`) see every g(images) in training.
+
+  Args:
+    predict_fn: `[N, H', W', C] -> [N, H', W', ...]` (pixel outputs aligned with
+      the input pixels, e.g. probabilities from `predict_tiled`); called with
+      swapped H and W for the transforms with bit 2 set.
+    images: `[N, H, W, C]`.
+    transforms: T in (1, 2, 4, 8).
+
+  Returns:
+    `[N, H, W, ...]` float32, the mean of the T aligned predictions. Average
+    probabilities, not logits, for the usual soft-voting ensemble.
+  """
+  if isinstance(transforms, bool) or transforms not in DIHEDRAL_COUNTS:
+    raise OptionError(f"dihedral_average: transforms must be one of {DIHEDRAL_COUNTS},"
+                      f" got {transforms!r}")
+  images = jnp.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"dihedral_average: images must be [N, H, W, C], got {images.shape}")
+  total = None
+  for index in range(transforms):
+    out = jnp.asarray(predict_fn(_dihedral(images, index)), jnp.float32)
+    if out.shape[:3] != (images.shape[0],) + (images.shape[1:3] if not index & 4 else
+                                              images.shape[2:0:-1]):
+      raise ValueError(f"dihedral_average: predict_fn must keep [N, H, W], returned"
+                       f" {out.shape} for input {_dihedral(images, index).shape}")
+    out = _dihedral(out, index, inverse=True)
+    total = out if total is None else total + out
+  return total / transforms
+
+
 __all__ = ["PATCH_STREAM", "CROP_STREAM", "AUGMENT_STREAM", "AugmentSpec", "augment_patch",
            "augment_data", "crop_starts", "random_crop_data", "with_random_crops",
            "sample_corners", "crop", "sample_patches", "patch_data",
-           "PatchSpec", "with_patches", "tile_windows", "predict_tiled"]
+           "PatchSpec", "with_patches", "tile_windows", "predict_tiled",
+           "DIHEDRAL_COUNTS", "dihedral_average"]
