@@ -1,4 +1,4 @@
-"""PRNG streams: every constant folded into the same key is distinct (one known overlap)."""
+"""PRNG streams: every constant folded into the same key is distinct (one harmless overlap)."""
 
 import itertools
 
@@ -7,10 +7,8 @@ from fedjax_med.core import streams
 ROUND_KEY = ("SERVER_STREAM", "SAMPLING_STREAM", "ORDER_STREAM", "PATCH_STREAM",
              "CROP_STREAM", "AUGMENT_STREAM", "AVAILABILITY_STREAM", "RESTART_STREAM")
 CLIENT_KEY = ("STEP_STREAM", "DURATION_STREAM", "PERSONAL_STREAM")
-# Documented in fedjax_med/core/streams.py; left until the tables using them are rerun.
-KNOWN_OVERLAPS = {frozenset({"SAMPLING_STREAM", "PATCH_STREAM"}),
-                  # FedBuff has neither cohorts nor a visit order:
-                  frozenset({"ORDER_STREAM", "RESTART_STREAM"})}
+# Documented in fedjax_med/core/streams.py. FedBuff has neither cohorts nor a visit order:
+KNOWN_OVERLAPS = {frozenset({"ORDER_STREAM", "RESTART_STREAM"})}
 
 
 def test_streams_folded_into_one_key_are_distinct_and_above_site_ids():

@@ -22,13 +22,11 @@ can never equal a site's id.
        └─ FedBuff's event e: fold_in(fold_in(round_key, RESTART_STREAM), e);
           a job's duration jitter: fold_in(job client key, DURATION_STREAM)
 
-Known overlap: PATCH_STREAM and SAMPLING_STREAM share the value 2^32 - 2, so
-`with_patches` around an algorithm that also samples a cohort derives its
-patches and its cohort from the same key (different derivations: patch
-corners via fold_in(., site_id) and randint, the cohort via one
-`jax.random.choice`). Changing either value changes published results
-(the retina table or every cohort-sampled run), so it is left for the next
-rerun of those tables and recorded here. ORDER_STREAM and RESTART_STREAM also
+PATCH_STREAM was 2^32 - 2, SAMPLING_STREAM's value, up to fedjax_med 0.2.0;
+it now has its own value, so `with_patches` around an algorithm that samples
+a cohort draws its patches and its cohort from different keys (the patches of
+every run changed with it; the retina tables were rerun, experiments/README.md).
+ORDER_STREAM and RESTART_STREAM
 share a value, harmlessly: Cyclic has no FedBuff events and FedBuff no visit
 order. tests/test_streams.py fails on any other overlap.
 """
@@ -41,7 +39,7 @@ import numpy as np
 SERVER_STREAM = np.uint32(2**32 - 1)
 SAMPLING_STREAM = np.uint32(2**32 - 2)
 ORDER_STREAM = np.uint32(2**32 - 3)
-PATCH_STREAM = np.uint32(2**32 - 2)
+PATCH_STREAM = np.uint32(2**32 - 14)      # was 2**32 - 2 (= SAMPLING_STREAM)
 AVAILABILITY_STREAM = np.uint32(2**32 - 11)
 CROP_STREAM = np.uint32(2**32 - 12)        # with_random_crops (3D volumes)
 AUGMENT_STREAM = np.uint32(2**32 - 13)     # with_patches(augment=...): flips, rot90, jitter
