@@ -20,7 +20,9 @@ exactly what it computed before they existed): `augment` (random flips,
 rot90 and intensity jitter of the training patches, `AugmentSpec`),
 `preprocess` ("green", "clahe", "green_clahe": `chase_db1(preprocess=...)`),
 `threshold="train"` (each model's threshold chosen on its own training
-images, never on the test children: `train_threshold`), bigger `features`,
+images, never on the test children: `train_threshold`), `tta` (test-time
+averaging of the probabilities over 2, 4 or 8 flips / rotations of each image,
+`dihedral_average`, for the threshold images too), bigger `features`,
 and `strategies` (a subset of fedavg, local, pooled; observer_2 always).
 
 Strategies (every one from the same initial model within a seed, the same
@@ -43,8 +45,10 @@ masks are scored as drawn.
 Outputs in --out: results.json (tidy records: dataset, strategy, seed, site,
 split, metric, value; site = test image id "11L" .. "14R", or "mean" = the
 unweighted mean over the 8 test images), table.md (the printed tables),
-history.json (train loss per round) and predictions.png (test image 11L: the fundus,
-both observers and each strategy's thresholded prediction, first seed).
+history.json (train loss per round), predictions.png (test image 11L: the fundus,
+both observers and each strategy's thresholded prediction, first seed) and
+params/<strategy>_seed<s>.npz (the trained models, `fm.training.checkpoint.save_state_file`;
+local: the 5 clinics' models stacked).
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ class Config:
     a shared 2-core CPU."""
     return cls(features=(16, 32, 64), rounds=120, lr_decay_at=(2 / 3, 5 / 6),
                preprocess="green_clahe", threshold="train", augment=True,
-               brightness=0.1, contrast=0.2, gamma=0.2)
+               brightness=0.1, contrast=0.2, gamma=0.2, tta=8)
 
   def augment_spec(self) -> AugmentSpec | None:
     if not self.augment:

@@ -19,7 +19,9 @@ def _module():
 
 def test_hippocampus_smoke(tmp_path):
   out = tmp_path / "hc"
-  assert _module().main(["--smoke", "--out", str(out), "--no-progress"]) == 0
+  # --batch-size 3 (the smoke's default is 2) reaches the recorded config.
+  assert _module().main(["--smoke", "--out", str(out), "--no-progress",
+                         "--batch-size", "3"]) == 0
   records = json.loads((out / "results.json").read_text())
   assert {r["strategy"] for r in records} == {"fedavg", "fedprox", "finetune", "local", "pooled"}
   assert {r["dataset"] for r in records} == {"msd_hippocampus[iid]"}
@@ -41,6 +43,8 @@ def test_hippocampus_smoke(tmp_path):
     assert (strategy, "test-float_low", "dice_mean") not in values   # no such case scored
   table = (out / "table.md").read_text()
   assert "SIMULATED" in table and "ONLY the first 2 test cases" in table
+  config = json.loads(table.splitlines()[1])
+  assert config["batch_size"] == 3 and config["schedule"] == "smoke"
   assert (out / "slices.png").stat().st_size > 1000
 
 

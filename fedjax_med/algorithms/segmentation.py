@@ -50,6 +50,10 @@ edge that is not an image edge. When `margin` >= the model's receptive
 radius (`UNet.receptive_radius()`), the stitched logits equal those of the
 whole padded image in one pass (tested), with memory bounded by the tile
 batch instead of the image.
+
+Test-time averaging (`dihedral_average`): the mean of a prediction over 2, 4
+or 8 flips / rotations of the images, each mapped back to the original pixel
+grid; for models trained with flip and rot90 augmentation.
 """
 
 from __future__ import annotations
