@@ -273,13 +273,11 @@ def test_unet_through_algo_round_on_patches():
   np.testing.assert_array_equal(metrics["num_examples"], [8, 4])      # patches
   np.testing.assert_array_equal(metrics["client_steps"], [3, 2])      # ceil(n_k / 3)
   assert np.isfinite(float(metrics["train_loss"]))
-  # Same key, same result (bit-identical); pure_round composes the same steps.
+  # Same key, same result (bit-identical). (round and pure_round are one function,
+  # `_patched_round`, jitted or not: comparing them would compare it with itself.)
   again, _ = algo.round(algo.init(params), data, jax.random.PRNGKey(1))
   for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(again.params)):
     np.testing.assert_array_equal(a, b)
-  pure, _ = jax.jit(algo.pure_round)(algo.init(params), data, jax.random.PRNGKey(1))
-  for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(pure.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # Local-only (per-site models with a leading K axis) and the run loop.
   local = with_patches(fm.algorithms.local_only(loss_fn, optimizer=optax.adam(1e-2),
                                                 batch_size=4),
