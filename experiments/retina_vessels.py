@@ -70,8 +70,8 @@ from fedjax_med.data.chase_db1 import chase_db1, load_raw, site_image_ids
 from fedjax_med.losses.segmentation import bce_dice
 from fedjax_med.metrics.segmentation import dice, pixel_accuracy, pixel_roc_auc
 from fedjax_med.models.unet import UNet
-from fedjax_med.algorithms.segmentation import (DIHEDRAL_COUNTS, AugmentSpec, dihedral_average, predict_tiled,
-                                                with_patches)
+from fedjax_med.algorithms.segmentation import (DIHEDRAL_COUNTS, AugmentSpec, dihedral_average,
+                                                predict_tiled, with_patches)
 
 DATASET = "chase_db1"
 FIGURE_IMAGE = 0                     # the test image of predictions.png ("11L")

@@ -655,11 +655,11 @@ def dihedral_average(predict_fn: Callable[[jax.Array], jax.Array], images, *,
     raise ValueError(f"dihedral_average: images must be [N, H, W, C], got {images.shape}")
   total = None
   for index in range(transforms):
-    out = jnp.asarray(predict_fn(_dihedral(images, index)), jnp.float32)
-    if out.shape[:3] != (images.shape[0],) + (images.shape[1:3] if not index & 4 else
-                                              images.shape[2:0:-1]):
+    transformed = _dihedral(images, index)
+    out = jnp.asarray(predict_fn(transformed), jnp.float32)
+    if out.shape[:3] != transformed.shape[:3]:
       raise ValueError(f"dihedral_average: predict_fn must keep [N, H, W], returned"
-                       f" {out.shape} for input {_dihedral(images, index).shape}")
+                       f" {out.shape} for input {transformed.shape}")
     out = _dihedral(out, index, inverse=True)
     total = out if total is None else total + out
   return total / transforms
