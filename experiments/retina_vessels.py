@@ -124,9 +124,9 @@ class Config:
     a default round), green-channel CLAHE, flips / rot90 / jitter of the patches,
     120 rounds (3x the default) with the learning rate stepped x0.3 after 2/3 and
     5/6 of them, thresholds chosen on the training images, predictions averaged
-    over the 8 flips / rotations. Measured (seed 0 only): Dice in the FOV pooled
-    0.792, FedAvg 0.783, local 0.766; 3,737 s of CPU time (about 31-35 min on 2
-    idle cores). Without the averaging and with the old PATCH_STREAM (seeds 0-2):
+    over the 8 flips / rotations. Measured (seeds 0-2): Dice in the FOV pooled
+    0.793, FedAvg 0.783, local 0.767; 31.5-31.7 min per seed on 2 idle cores
+    (seeds 1, 2). Without the averaging and with the old PATCH_STREAM (seeds 0-2):
     pooled 0.785, FedAvg 0.779, local 0.763."""
     return cls(features=(16, 32, 64), rounds=120, lr_decay_at=(2 / 3, 5 / 6),
                preprocess="green_clahe", threshold="train", augment=True,
