@@ -1,5 +1,6 @@
-"""3D hippocampus segmentation on MRI across SIMULATED sites: FedAvg, FedProx, fine-tuned
-FedAvg, local and pooled on MSD Task04 Hippocampus.
+"""3D hippocampus segmentation on MRI across SIMULATED sites: FedAvg, FedProx, three
+personalised methods (fine-tuned FedAvg, Ditto, FedPer), local and pooled on MSD Task04
+Hippocampus.
 
 Data: the 260 labelled MSD Hippocampus crops (`fm.datasets.msd_hippocampus`, CC BY-SA 4.0,
 Vanderbilt University Medical Center). They come from ONE hospital: every site here is
@@ -33,6 +34,14 @@ Strategies, from the same initial model within a seed:
             site's crops (`fm.algorithms.fedavg_finetune`; its rounds are fedavg's, so
             it is the same run); each site's model scores every test case, and
             "finetune" is the mean over the sites (test cases belong to no site)
+  ditto     Ditto (Li et al., ICML 2021; `fm.algorithms.ditto`, lambda `ditto_lam`):
+            FedAvg's global step plus, per site, a personal model trained with
+            lambda/2 ||v - w_t||^2 towards the global one (Adam at the baseline rate,
+            the same steps and step decay); each site's personal model is scored like
+            finetune (about 2x FedAvg's training compute)
+  fedper    FedPer (Arivazhagan et al., 2019; `fm.algorithms.fedper`): the U-Net's
+            layers in `fedper_personal` (default: the 1x1x1 output layer "logits")
+            stay on the site, the rest is FedAvg; scored like finetune
   local     each site trains alone (persistent Adam, the same steps per round);
             scored like finetune
   pooled    one model on all 208 training cases (K = 1) with K x local_steps steps per
@@ -42,6 +51,7 @@ Strategies, from the same initial model within a seed:
 
     python experiments/hippocampus.py                    # default: iid, short schedule
     python experiments/hippocampus.py --full             # both splits, the long schedule
+                       # (the default runs all strategies but ditto and fedper; --full all)
     python experiments/hippocampus.py --splits iid,volume --rounds 60 --seeds 0,1
     python experiments/hippocampus.py --smoke            # seconds, for tests
     python experiments/hippocampus.py --full --strategies pooled,fedavg --rounds 6
@@ -80,6 +90,7 @@ CLASSES = ("anterior", "posterior")
 METRICS = ("dice_anterior", "dice_posterior", "dice_mean")
 GROUPS = ("test-uint8", "test-float_low", "test-float_high")
 SPLIT_SITES = {"iid": 4, "encoding": 5, "volume": 4}
+STRATEGIES = ("pooled", "fedavg", "fedprox", "finetune", "ditto", "fedper", "local")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +112,8 @@ class Config:
   lr_decay: float = 0.3
   fedprox_mu: float = 0.01
   finetune_steps: int = 8
+  ditto_lam: float = 1.0              # chosen before any run, not tuned (see README)
+  fedper_personal: tuple[str, ...] = ("logits",)
   eval_batch: int = 4
   test_cases: int | None = None       # None: all 52; smoke: the first few (labelled)
   client_chunk_size: int | None = None  # sites per vmapped chunk (None: all at once)
@@ -110,13 +123,16 @@ class Config:
   def full(cls) -> "Config":
     """30 rounds of one local epoch (26 steps of 2 crops per iid site; pooled one epoch
     of its 208 cases, 104 steps), lr 3e-3, x0.3 after rounds 20 and 25."""
-    return cls(splits=("iid", "encoding"), local_epochs=1, rounds=30,
+    return cls(splits=("iid", "encoding"), strategies=STRATEGIES, local_epochs=1, rounds=30,
                lr_decay_at=(2 / 3, 5 / 6), finetune_steps=26, schedule="full")
 
   @classmethod
   def smoke(cls) -> "Config":
-    return cls(features=(2, 4), crop=(16, 16, 16), local_steps=1, rounds=1,
-               finetune_steps=1, test_cases=2, schedule="smoke")
+    """Tiny; 2 rounds with a step decay after the first, so that the decayed path
+    (traced learning rates, Ditto's personal rate) runs too."""
+    return cls(features=(2, 4), crop=(16, 16, 16), local_steps=1, rounds=2,
+               lr_decay_at=(0.5,), strategies=STRATEGIES, finetune_steps=1, test_cases=2,
+               schedule="smoke")
 
 
 def _test_cases(test, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
@@ -229,6 +245,13 @@ def run(config: Config, out_dir: str, progress: bool = True
   fedprox = crops(fm.algorithms.fedprox(loss_fn, mu=config.fedprox_mu,
                                         client_optimizer=adam(config.client_lr), **common,
                                         **chunk))
+  ditto = crops(fm.algorithms.ditto(loss_fn, lam=config.ditto_lam,
+                                    client_optimizer=adam(config.client_lr),
+                                    personal_optimizer=adam(config.baseline_lr), **common,
+                                    **chunk))
+  fedper = crops(fm.algorithms.fedper(loss_fn, personal=config.fedper_personal,
+                                      client_optimizer=adam(config.client_lr), **common,
+                                      **chunk))
   local = crops(fm.algorithms.local_only(loss_fn, optimizer=adam(config.baseline_lr), **common,
                                          **chunk))
   # Pooled sees the K sites' examples of a round: local_epochs passes over all 208 cases
@@ -262,12 +285,12 @@ def run(config: Config, out_dir: str, progress: bool = True
           f" ({time.perf_counter() - start:.0f} s)", flush=True)
     return mean
 
-  def train(name, algo, state, data, key, rounds, dataset, seed, lr):
+  def train(name, algo, state, data, key, rounds, dataset, seed, lr, decay_also=()):
     t = time.perf_counter()
     state, hist = fm.training.loop.run_rounds_step_decay(
         algo, state, data, rounds, key, learning_rate=lr,
-        decay_at=config.lr_decay_at, decay=config.lr_decay, progress=progress,
-        desc=f"{dataset} seed {seed} {name}")
+        decay_at=config.lr_decay_at, decay=config.lr_decay, decay_also=decay_also,
+        progress=progress, desc=f"{dataset} seed {seed} {name}")
     losses = np.asarray(hist.get("train_loss", hist.get("client_train_loss"))).tolist()
     timings[f"train_{name}"] = timings.get(f"train_{name}", 0.0) + time.perf_counter() - t
     history.setdefault(dataset, {}).setdefault(name, {})[str(seed)] = losses
@@ -305,6 +328,20 @@ def run(config: Config, out_dir: str, progress: bool = True
                       config.rounds, dataset, seed, config.client_lr)
         records += _records(dataset, "fedprox", seed, cases, groups,
                             evaluate("fedprox", dataset, seed, [state.params]))
+      if "ditto" in config.strategies:
+        # The personal Adam's rate follows the same step decay as the client's.
+        state = train("ditto", ditto, ditto.init(params0, k), train_data, train_key,
+                      config.rounds, dataset, seed, config.client_lr,
+                      decay_also=("personal_learning_rate",) if len(segments) > 1 else ())
+        personal = jax.device_get(ditto.personalize(state, train_data, train_key))
+        records += _records(dataset, "ditto", seed, cases, groups, evaluate(
+            "ditto", dataset, seed, [_site_params(personal, j) for j in range(k)]))
+      if "fedper" in config.strategies:
+        state = train("fedper", fedper, fedper.init(params0, k), train_data, train_key,
+                      config.rounds, dataset, seed, config.client_lr)
+        personal = jax.device_get(fedper.personalize(state, train_data, train_key))
+        records += _records(dataset, "fedper", seed, cases, groups, evaluate(
+            "fedper", dataset, seed, [_site_params(personal, j) for j in range(k)]))
       if "local" in config.strategies:
         state = train("local", local, local.init(params0, k), train_data, train_key,
                       config.rounds, dataset, seed, config.baseline_lr)
@@ -355,8 +392,7 @@ def tables(records: list[dict], config: Config) -> str:
   for split in config.splits:
     dataset = f"{DATASET}[{split}]"
     rows = [r for r in records if r["dataset"] == dataset]
-    order = [s for s in ("pooled", "fedavg", "fedprox", "finetune", "local")
-             if s in config.strategies]
+    order = [s for s in STRATEGIES if s in config.strategies]
     for metric in METRICS:
       out.append(f"split {split} ({SPLIT_SITES[split]} simulated sites):\n"
                  + fm.report.summary_table(rows, metric, "test", ["all"] + list(GROUPS), order))
@@ -372,7 +408,7 @@ def main(argv=None) -> int:
   parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
   parser.add_argument("--out", type=str, default="results/hippocampus")
   parser.add_argument("--strategies", type=str,
-                      help="comma-separated subset of fedavg, fedprox, finetune, local, pooled")
+                      help=f"comma-separated subset of {', '.join(STRATEGIES)}")
   parser.add_argument("--client-chunk-size", type=int,
                       help="sites per vmapped chunk in the federated rounds (default: all)")
   parser.add_argument("--memory", type=int, metavar="ROUNDS",
@@ -389,7 +425,7 @@ def main(argv=None) -> int:
       raise fm.OptionError(f"--splits: unknown split {unknown}; choose from"
                            f" {sorted(SPLIT_SITES)}")
   strategies = tuple(s for s in (args.strategies or "").split(",") if s) or None
-  known = Config.strategies
+  known = STRATEGIES
   if strategies and not set(strategies) <= set(known):
     raise fm.OptionError(f"--strategies: unknown {sorted(set(strategies) - set(known))};"
                          f" choose from {list(known)}")

@@ -23,7 +23,8 @@ def test_hippocampus_smoke(tmp_path):
   assert _module().main(["--smoke", "--out", str(out), "--no-progress",
                          "--batch-size", "3"]) == 0
   records = json.loads((out / "results.json").read_text())
-  assert {r["strategy"] for r in records} == {"fedavg", "fedprox", "finetune", "local", "pooled"}
+  strategies = ("pooled", "fedavg", "fedprox", "finetune", "ditto", "fedper", "local")
+  assert {r["strategy"] for r in records} == set(strategies)
   assert {r["dataset"] for r in records} == {"msd_hippocampus[iid]"}
   assert {r["metric"] for r in records} == {"dice_anterior", "dice_posterior", "dice_mean"}
   values = {(r["strategy"], r["site"], r["metric"]): r["value"] for r in records}
@@ -32,7 +33,7 @@ def test_hippocampus_smoke(tmp_path):
   # ordered by encoding group, then case id): index.csv's first uint8 test cases are
   # 070 and 123.
   assert cases == ["case-070", "case-123"]
-  for strategy in ("fedavg", "fedprox", "finetune", "local", "pooled"):
+  for strategy in strategies:
     per_case = np.array([[values[(strategy, c, m)] for m in ("dice_anterior", "dice_posterior")]
                          for c in cases])
     assert ((0 <= per_case) & (per_case <= 1)).all()
@@ -45,6 +46,14 @@ def test_hippocampus_smoke(tmp_path):
   assert "SIMULATED" in table and "ONLY the first 2 test cases" in table
   config = json.loads(table.splitlines()[1])
   assert config["batch_size"] == 3 and config["schedule"] == "smoke"
+  # The table lists the strategies in STRATEGIES' order.
+  rows = [line.split("|")[1].strip() for line in table.splitlines()
+          if line.startswith("|") and line.split("|")[1].strip() in strategies]
+  assert rows[:len(strategies)] == list(strategies)
+  # Two rounds with the smoke's step decay: every strategy has a loss per round.
+  history = json.loads((out / "history.json").read_text())["msd_hippocampus[iid]"]
+  assert {name: len(h["0"]) for name, h in history.items()} == {
+      s: 2 for s in strategies if s not in ("pooled", "finetune")}
   assert (out / "slices.png").stat().st_size > 1000
 
 

@@ -216,6 +216,7 @@ def step_decay_segments(num_rounds: int, decay_at: Sequence[float] = (),
 def run_rounds_step_decay(algo: FederatedAlgorithm, state: ServerState, data: FederatedData,
                           num_rounds: int, run_key: jax.Array, *, learning_rate: float,
                           decay_at: Sequence[float] = (), decay: float = 0.3,
+                          decay_also: Sequence[str] = (),
                           **kwargs: Any) -> tuple[ServerState, dict[str, np.ndarray]]:
   """`run_rounds` with the client optimizer's learning rate stepped down between rounds.
 
@@ -227,15 +228,26 @@ def run_rounds_step_decay(algo: FederatedAlgorithm, state: ServerState, data: Fe
   optimizer must be built with `optax.inject_hyperparams` when there is more
   than one segment (`set_hyperparams` names the problem otherwise). The
   histories of the segments are concatenated along rounds.
+
+  `decay_also` names traced algorithm hyperparameters (`state.hparams` keys) that
+  follow the same step decay from their values in `state` at the call: e.g. Ditto's
+  personal learning rate, `decay_also=("personal_learning_rate",)`, so that
+  segment s sets it to (its value at the call) x factor_s.
   """
   if "first_round" in kwargs or "checkpoint_dir" in kwargs:
     raise OptionError("run_rounds_step_decay: first_round and checkpoint_dir are not"
                       " supported (the segments set first_round themselves)")
   segments = step_decay_segments(num_rounds, decay_at, decay)
+  unknown = sorted(set(decay_also) - set(state.hparams))
+  if unknown:
+    raise OptionError(f"run_rounds_step_decay: decay_also names {unknown}, which are not"
+                      f" traced algorithm hyperparameters; traced: {sorted(state.hparams)}")
+  also_base = {name: float(state.hparams[name]) for name in decay_also}
   histories = []
   for first, end, factor in segments:
     if len(segments) > 1:
-      state = set_hyperparams(state, client={"learning_rate": learning_rate * factor})
+      state = set_hyperparams(state, client={"learning_rate": learning_rate * factor},
+                              **{name: base * factor for name, base in also_base.items()})
     state, hist = run_rounds(algo, state, data, end - first, run_key, first_round=first,
                              **kwargs)
     histories.append(hist)
