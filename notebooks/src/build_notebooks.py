@@ -299,8 +299,8 @@ and run times):
   vs each clinic alone vs pooled, scored against the 1st observer with the 2nd observer
   as the human reference.
 * `python experiments/hippocampus.py --full`: a 3D U-Net on T1 MRI crops, FedAvg,
-  FedProx, fine-tuning, local and pooled. The data come from ONE hospital: every site
-  split is simulated.
+  FedProx, three personalised methods (fine-tuning, Ditto, FedPer), local and pooled.
+  The data come from ONE hospital: every site split is simulated.
 """),
     ("code", """
 import os
