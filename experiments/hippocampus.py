@@ -328,20 +328,16 @@ def run(config: Config, out_dir: str, progress: bool = True
                       config.rounds, dataset, seed, config.client_lr)
         records += _records(dataset, "fedprox", seed, cases, groups,
                             evaluate("fedprox", dataset, seed, [state.params]))
-      if "ditto" in config.strategies:
-        # The personal Adam's rate follows the same step decay as the client's.
-        state = train("ditto", ditto, ditto.init(params0, k), train_data, train_key,
-                      config.rounds, dataset, seed, config.client_lr,
-                      decay_also=("personal_learning_rate",) if len(segments) > 1 else ())
-        personal = jax.device_get(ditto.personalize(state, train_data, train_key))
-        records += _records(dataset, "ditto", seed, cases, groups, evaluate(
-            "ditto", dataset, seed, [_site_params(personal, j) for j in range(k)]))
-      if "fedper" in config.strategies:
-        state = train("fedper", fedper, fedper.init(params0, k), train_data, train_key,
-                      config.rounds, dataset, seed, config.client_lr)
-        personal = jax.device_get(fedper.personalize(state, train_data, train_key))
-        records += _records(dataset, "fedper", seed, cases, groups, evaluate(
-            "fedper", dataset, seed, [_site_params(personal, j) for j in range(k)]))
+      for name, algo in (("ditto", ditto), ("fedper", fedper)):
+        if name not in config.strategies:
+          continue
+        # Ditto's personal Adam follows the same step decay as the client's.
+        also = ("personal_learning_rate",) if name == "ditto" and len(segments) > 1 else ()
+        state = train(name, algo, algo.init(params0, k), train_data, train_key, config.rounds,
+                      dataset, seed, config.client_lr, decay_also=also)
+        personal = jax.device_get(algo.personalize(state, train_data, train_key))
+        records += _records(dataset, name, seed, cases, groups, evaluate(
+            name, dataset, seed, [_site_params(personal, j) for j in range(k)]))
       if "local" in config.strategies:
         state = train("local", local, local.init(params0, k), train_data, train_key,
                       config.rounds, dataset, seed, config.baseline_lr)

@@ -100,6 +100,25 @@ def ref_local_sgd(w, b, x, y, lr, batch, mask_row, client_key, *, epochs=None, s
   return w, b, total
 
 
+def ref_ditto_round(w, b, personal, sites, mask, round_key, lr, personal_lr, lam,
+                    personal_stream):
+  """One Ditto round (Li et al. 2021, Alg. 1) in float64 with one local SGD epoch of
+  batch 2 per site: the FedAvg step from (w, b) with `lr`, aggregated by n_k / n, and
+  each personal model's step with `personal_lr` on F_k(v) + lam/2 ||v - w||^2 (its
+  batches keyed fold_in(client_key, personal_stream)). Returns (w', b', personal')."""
+  n = np.array([len(y) for _, y in sites], np.float64)
+  new_w, new_b, new_personal = np.zeros_like(w), 0.0, []
+  for k, (x, y) in enumerate(sites):
+    ck = jax.random.fold_in(round_key, k)
+    wk, bk, _ = ref_local_sgd(w, b, x, y, lr, 2, mask[k], ck, epochs=1)
+    new_w, new_b = new_w + n[k] / n.sum() * wk, new_b + n[k] / n.sum() * bk
+    prox = lambda v, c: (lam * (v - w), lam * (c - b))
+    new_personal.append(ref_local_sgd(*personal[k], x, y, personal_lr, 2, mask[k],
+                                      jax.random.fold_in(ck, personal_stream), epochs=1,
+                                      extra_grad=prox)[:2])
+  return new_w, new_b, new_personal
+
+
 def make_sites(sizes, dim=3, seed=0):
   """Sites with unequal sizes and different label balance (non-IID)."""
   rng = np.random.default_rng(seed)

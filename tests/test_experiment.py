@@ -6,7 +6,7 @@ import pytest
 import optax
 
 import fedjax_med as fm
-from conftest import bce_loss, init_params, make_sites, ref_local_sgd, to_np
+from conftest import bce_loss, init_params, make_sites, ref_ditto_round, ref_local_sgd, to_np
 
 
 def test_run_seeds_equals_sequential_runs(data):
@@ -223,21 +223,11 @@ def test_run_rounds_step_decay_decays_dittos_personal_rate(sites, data, also):
       decay=0.5, decay_also=("personal_learning_rate",) if also else (), progress=False)
   w, b = to_np(params)
   personal = [(w.copy(), b) for _ in sites]
-  n = np.array([len(y) for _, y in sites], np.float64)
   mask = np.asarray(data.mask)
   personal_rates = [0.2, 0.2, 0.1, 0.1] if also else [0.2] * 4
   for r, (lr, plr) in enumerate(zip([0.3, 0.3, 0.15, 0.15], personal_rates)):
-    round_key = jax.random.fold_in(key, r)
-    new_w, new_b = np.zeros_like(w), 0.0
-    for k, (x, y) in enumerate(sites):
-      ck = jax.random.fold_in(round_key, k)
-      wk, bk, _ = ref_local_sgd(w, b, x, y, lr, 2, mask[k], ck, epochs=1)
-      new_w, new_b = new_w + n[k] / n.sum() * wk, new_b + n[k] / n.sum() * bk
-      prox = lambda v, c, w=w, b=b: (lam * (v - w), lam * (c - b))
-      personal[k] = ref_local_sgd(*personal[k], x, y, plr, 2, mask[k],
-                                  jax.random.fold_in(ck, PERSONAL_STREAM), epochs=1,
-                                  extra_grad=prox)[:2]
-    w, b = new_w, new_b
+    w, b, personal = ref_ditto_round(w, b, personal, sites, mask, jax.random.fold_in(key, r),
+                                     lr, plr, lam, PERSONAL_STREAM)
   np.testing.assert_allclose(state.params["w"], w, rtol=1e-5, atol=1e-6)
   models = algo.personalize(state, data, jax.random.PRNGKey(0))
   for k in range(3):

@@ -7,7 +7,7 @@ import pytest
 
 import fedjax_med as fm
 from fedjax_med.algorithms.ditto import PERSONAL_STREAM
-from conftest import bce_loss, init_params, ref_local_sgd, to_np
+from conftest import bce_loss, init_params, ref_ditto_round, ref_local_sgd, to_np
 
 
 def test_finetune_round_is_fedavg_and_personalize_is_local_sgd(sites, data):
@@ -76,21 +76,12 @@ def test_ditto_matches_reference(sites, data, lam):
   state = algo.init(params, 3)
   w, b = to_np(params)
   personal = [(w.copy(), b) for _ in sites]
-  n = np.array([len(y) for _, y in sites], np.float64)
   mask = np.asarray(data.mask)
   for r in range(2):
     key = jax.random.PRNGKey(10 + r)
     state, _ = algo.round(state, data, key)
-    new_w, new_b = np.zeros_like(w), 0.0
-    for k, (x, y) in enumerate(sites):
-      ck = jax.random.fold_in(key, k)
-      wk, bk, _ = ref_local_sgd(w, b, x, y, lr, 2, mask[k], ck, epochs=1)
-      new_w, new_b = new_w + n[k] / n.sum() * wk, new_b + n[k] / n.sum() * bk
-      prox = lambda v, c, w=w, b=b: (lam * (v - w), lam * (c - b))
-      personal[k] = ref_local_sgd(*personal[k], x, y, lr, 2, mask[k],
-                                  jax.random.fold_in(ck, PERSONAL_STREAM), epochs=1,
-                                  extra_grad=prox)[:2]
-    w, b = new_w, new_b
+    w, b, personal = ref_ditto_round(w, b, personal, sites, mask, key, lr, lr, lam,
+                                     PERSONAL_STREAM)
   np.testing.assert_allclose(state.params["w"], w, rtol=1e-4, atol=1e-6)
   models = algo.personalize(state, data, jax.random.PRNGKey(0))
   for k in range(3):
