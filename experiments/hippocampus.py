@@ -328,11 +328,11 @@ def run(config: Config, out_dir: str, progress: bool = True
                       config.rounds, dataset, seed, config.client_lr)
         records += _records(dataset, "fedprox", seed, cases, groups,
                             evaluate("fedprox", dataset, seed, [state.params]))
-      for name, algo in (("ditto", ditto), ("fedper", fedper)):
+      # Ditto's personal Adam follows the same step decay as the client's.
+      for name, algo, also in (("ditto", ditto, ("personal_learning_rate",)),
+                               ("fedper", fedper, ())):
         if name not in config.strategies:
           continue
-        # Ditto's personal Adam follows the same step decay as the client's.
-        also = ("personal_learning_rate",) if name == "ditto" and len(segments) > 1 else ()
         state = train(name, algo, algo.init(params0, k), train_data, train_key, config.rounds,
                       dataset, seed, config.client_lr, decay_also=also)
         personal = jax.device_get(algo.personalize(state, train_data, train_key))

@@ -6,6 +6,7 @@ import pytest
 import optax
 
 import fedjax_med as fm
+from fedjax_med.core.streams import PERSONAL_STREAM
 from conftest import bce_loss, init_params, make_sites, ref_ditto_round, ref_local_sgd, to_np
 
 
@@ -210,7 +211,6 @@ def test_run_rounds_step_decay_decays_dittos_personal_rate(sites, data, also):
   round 2. With decay_also=("personal_learning_rate",) both rates step down
   (0.3, 0.3, 0.15, 0.15 and 0.2, 0.2, 0.1, 0.1); without it only the client's does.
   Checked against a float64 loop of Ditto's two local steps with those rates."""
-  from fedjax_med.core.streams import PERSONAL_STREAM  # pylint: disable=import-outside-toplevel
   lam = 0.5
   inject = optax.inject_hyperparams(optax.sgd)
   algo = fm.algorithms.ditto(bce_loss, lam=lam, client_optimizer=inject(learning_rate=0.3),
@@ -237,4 +237,13 @@ def test_run_rounds_step_decay_decays_dittos_personal_rate(sites, data, also):
       personal_rates[-1])
   with pytest.raises(fm.OptionError, match="decay_also.*not_a_rate"):
     fm.training.loop.run_rounds_step_decay(algo, state, data, 2, key, learning_rate=0.3,
-                                           decay_also=("not_a_rate",), progress=False)
+                                           decay_at=(0.5,), decay_also=("not_a_rate",),
+                                           progress=False)
+  # Like the client rate, decay_also is only read when the rate changes: one segment
+  # of a Ditto with a plain (untraced) personal optimizer runs.
+  plain = fm.algorithms.ditto(bce_loss, lam=lam, client_optimizer=optax.sgd(0.3),
+                              local_epochs=1, batch_size=2)
+  fm.training.loop.run_rounds_step_decay(plain, plain.init(params, 3), data, 1, key,
+                                         learning_rate=0.3,
+                                         decay_also=("personal_learning_rate",),
+                                         progress=False)

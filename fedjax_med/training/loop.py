@@ -232,17 +232,20 @@ def run_rounds_step_decay(algo: FederatedAlgorithm, state: ServerState, data: Fe
   `decay_also` names traced algorithm hyperparameters (`state.hparams` keys) that
   follow the same step decay from their values in `state` at the call: e.g. Ditto's
   personal learning rate, `decay_also=("personal_learning_rate",)`, so that
-  segment s sets it to (its value at the call) x factor_s.
+  segment s sets it to (its value at the call) x factor_s. Like the client rate,
+  they are read and set only when there is more than one segment.
   """
   if "first_round" in kwargs or "checkpoint_dir" in kwargs:
     raise OptionError("run_rounds_step_decay: first_round and checkpoint_dir are not"
                       " supported (the segments set first_round themselves)")
   segments = step_decay_segments(num_rounds, decay_at, decay)
-  unknown = sorted(set(decay_also) - set(state.hparams))
-  if unknown:
-    raise OptionError(f"run_rounds_step_decay: decay_also names {unknown}, which are not"
-                      f" traced algorithm hyperparameters; traced: {sorted(state.hparams)}")
-  also_base = {name: float(state.hparams[name]) for name in decay_also}
+  also_base = {}
+  if len(segments) > 1:
+    unknown = sorted(set(decay_also) - set(state.hparams))
+    if unknown:
+      raise OptionError(f"run_rounds_step_decay: decay_also names {unknown}, which are not"
+                        f" traced algorithm hyperparameters; traced: {sorted(state.hparams)}")
+    also_base = {name: float(state.hparams[name]) for name in decay_also}
   histories = []
   for first, end, factor in segments:
     if len(segments) > 1:
