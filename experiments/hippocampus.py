@@ -26,6 +26,13 @@ volumes are segmented whole (the U-Net has no normalisation layer, so it is full
 convolutional) and scored by Dice per class on each case's valid voxels, per case then
 averaged (`fm.metrics.segmentation.multiclass_dice`; empty-empty = 1).
 
+Own-site scoring (encoding and volume splits; iid sites are random and own no test
+cases): each training site owns the test cases of its distribution
+(`own_test_case_ids`: its encoding, or its band of hippocampus volume). Column
+"own-site" is the mean over the sites of site k's model (the one model of fedavg,
+fedprox and pooled) on site k's own test cases, per case then averaged: the protocol
+under which personalisation is meant to help. "all" scores every site's model on all 52.
+
 Strategies, from the same initial model within a seed:
   fedavg    global model: Adam clients (re-initialised each round), n_k/n weights,
             server SGD 1.0
@@ -59,7 +66,8 @@ Strategies, from the same initial model within a seed:
                        # peak RSS of 2 FedAvg rounds (iid, 4 sites) -> --out/memory.json
 
 Outputs in --out: results.json (tidy records: dataset "msd_hippocampus[<split>]",
-strategy, seed, site = "all" / "test-<group>" / "case-NNN", split "test", metric
+strategy, seed, site = "all" / "test-<group>" / "case-NNN" / "own-site" / "own-<site>",
+split "test", metric
 dice_anterior / dice_posterior / dice_mean), table.md, history.json (train loss per
 round) and slices.png (one test case: image, label and each strategy's prediction).
 """
@@ -81,7 +89,8 @@ import optax
 import fedjax_med as fm
 from fedjax_med.algorithms.segmentation import random_crop_data, with_random_crops
 from fedjax_med.core.streams import CROP_STREAM
-from fedjax_med.data.msd_hippocampus import msd_hippocampus, site_case_ids
+from fedjax_med.data.msd_hippocampus import (msd_hippocampus, own_test_case_ids,
+                                              site_case_ids, site_names)
 from fedjax_med.losses.segmentation import softmax_dice
 from fedjax_med.metrics.segmentation import multiclass_dice
 
@@ -161,14 +170,41 @@ def _scores(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _records(dataset: str, strategy: str, seed: int, cases, groups,
-             per_case: np.ndarray) -> list[dict]:
+             per_model: np.ndarray, own: dict[str, list[int]] | None = None) -> list[dict]:
+  """Records of `per_model` `[M, N, 3]` (M = 1 global model, or one model per site).
+
+  Per case, "all" and test-<group>: the mean over the M models. With `own`
+  ({site name: indices of its own test cases}, sites in model order): "own-<site>" is site
+  k's model (the one model when M = 1) on site k's own test cases, per case then
+  averaged, and "own-site" the mean of those over the sites (each site weighs the same).
+  """
+  per_case = per_model.mean(0)
   report = {case: dict(zip(METRICS, map(float, row))) for case, row in zip(cases, per_case)}
   report["all"] = dict(zip(METRICS, map(float, per_case.mean(0))))
   for group in GROUPS:
     rows = per_case[[g == group for g in groups]]
     if len(rows):
       report[group] = dict(zip(METRICS, map(float, rows.mean(0))))
+  if own is not None:
+    sites = [(name, per_model[k if len(per_model) > 1 else 0][idx].mean(0))
+             for k, (name, idx) in enumerate(own.items()) if len(idx)]
+    report.update({f"own-{name}": dict(zip(METRICS, map(float, v))) for name, v in sites})
+    if sites:
+      report["own-site"] = dict(zip(METRICS, map(float, np.mean([v for _, v in sites], 0))))
   return fm.report.records_from_report(dataset, strategy, seed, "test", report)
+
+
+def own_test_indices(split: str, split_seed: int, cases: list[str]
+                     ) -> dict[str, list[int]] | None:
+  """{training site name: positions in `cases` (ascending) of its own test cases}
+  (`own_test_case_ids`; only those among `cases`), or None for the iid split."""
+  if split == "iid":
+    return None
+  k = SPLIT_SITES[split]
+  position = {case: i for i, case in enumerate(cases)}
+  return {name: sorted(position[f"case-{c}"] for c in site if f"case-{c}" in position)
+          for name, site in zip(site_names(k, split),
+                                own_test_case_ids(k, split, split_seed))}
 
 
 def _site_params(tree, k):
@@ -283,7 +319,7 @@ def run(config: Config, out_dir: str, progress: bool = True
     print(f"{dataset} seed {seed} {name}: Dice anterior {mean[:, 0].mean():.3f} posterior"
           f" {mean[:, 1].mean():.3f} mean {mean[:, 2].mean():.3f}"
           f" ({time.perf_counter() - start:.0f} s)", flush=True)
-    return mean
+    return np.asarray(per_model)
 
   def train(name, algo, state, data, key, rounds, dataset, seed, lr, decay_also=()):
     t = time.perf_counter()
@@ -302,32 +338,34 @@ def run(config: Config, out_dir: str, progress: bool = True
     if "pooled" in config.strategies:
       state = train("pooled", pooled, pooled.init(params0, 1), pooled_train, train_key,
                     config.rounds, f"{DATASET}[pooled]", seed, config.baseline_lr)
-      per_case = evaluate("pooled", f"{DATASET}[pooled]", seed,
-                          [_site_params(state.client_states["params"], 0)])
+      per_model = evaluate("pooled", f"{DATASET}[pooled]", seed,
+                           [_site_params(state.client_states["params"], 0)])
       for split in config.splits:
-        records += _records(f"{DATASET}[{split}]", "pooled", seed, cases, groups, per_case)
+        records += _records(f"{DATASET}[{split}]", "pooled", seed, cases, groups, per_model,
+                            own_test_indices(split, config.split_seed, cases))
     for split in config.splits:
       dataset = f"{DATASET}[{split}]"
       k = SPLIT_SITES[split]
       train_data, _ = msd_hippocampus(num_sites=k, split=split, seed=config.split_seed)
+      own = own_test_indices(split, config.split_seed, cases)
       if {"fedavg", "finetune"} & set(config.strategies):
         state = train("fedavg", fedavg, fedavg.init(params0), train_data, train_key,
                       config.rounds, dataset, seed, config.client_lr)
         if "fedavg" in config.strategies:
           records += _records(dataset, "fedavg", seed, cases, groups,
-                              evaluate("fedavg", dataset, seed, [state.params]))
+                              evaluate("fedavg", dataset, seed, [state.params]), own)
         if "finetune" in config.strategies:
           personal_key = jax.random.fold_in(train_key, config.rounds)
           site_crops = random_crop_data(train_data, jax.random.fold_in(personal_key,
                                                                        CROP_STREAM), config.crop)
           personal = fedavg.personalize(state, site_crops, personal_key)
           records += _records(dataset, "finetune", seed, cases, groups, evaluate(
-              "finetune", dataset, seed, [_site_params(personal, j) for j in range(k)]))
+              "finetune", dataset, seed, [_site_params(personal, j) for j in range(k)]), own)
       if "fedprox" in config.strategies:
         state = train("fedprox", fedprox, fedprox.init(params0), train_data, train_key,
                       config.rounds, dataset, seed, config.client_lr)
         records += _records(dataset, "fedprox", seed, cases, groups,
-                            evaluate("fedprox", dataset, seed, [state.params]))
+                            evaluate("fedprox", dataset, seed, [state.params]), own)
       # Ditto's personal Adam follows the same step decay as the client's.
       for name, algo, also in (("ditto", ditto, ("personal_learning_rate",)),
                                ("fedper", fedper, ())):
@@ -337,13 +375,13 @@ def run(config: Config, out_dir: str, progress: bool = True
                       dataset, seed, config.client_lr, decay_also=also)
         personal = jax.device_get(algo.personalize(state, train_data, train_key))
         records += _records(dataset, name, seed, cases, groups, evaluate(
-            name, dataset, seed, [_site_params(personal, j) for j in range(k)]))
+            name, dataset, seed, [_site_params(personal, j) for j in range(k)]), own)
       if "local" in config.strategies:
         state = train("local", local, local.init(params0, k), train_data, train_key,
                       config.rounds, dataset, seed, config.baseline_lr)
         site_models = jax.device_get(state.client_states["params"])
         records += _records(dataset, "local", seed, cases, groups, evaluate(
-            "local", dataset, seed, [_site_params(site_models, j) for j in range(k)]))
+            "local", dataset, seed, [_site_params(site_models, j) for j in range(k)]), own)
       del train_data
 
   os.makedirs(out_dir, exist_ok=True)
@@ -390,8 +428,9 @@ def tables(records: list[dict], config: Config) -> str:
     rows = [r for r in records if r["dataset"] == dataset]
     order = [s for s in STRATEGIES if s in config.strategies]
     for metric in METRICS:
+      columns = ["all"] + list(GROUPS) + (["own-site"] if split != "iid" else [])
       out.append(f"split {split} ({SPLIT_SITES[split]} simulated sites):\n"
-                 + fm.report.summary_table(rows, metric, "test", ["all"] + list(GROUPS), order))
+                 + fm.report.summary_table(rows, metric, "test", columns, order))
   return "\n\n".join(out)
 
 

@@ -194,6 +194,31 @@ def test_volume_sites_are_contiguous_in_hippocampus_volume(npz):
     assert mh.site_names(k, "volume") == tuple(f"sim-volume-{i}" for i in range(k))
 
 
+def test_own_test_cases_follow_the_site_distribution():
+  # Seed 0's test set is index.csv's `suggested_split`; the training sites come from
+  # site_case_ids (tested above against index.csv).
+  test = sorted(c for c, r in ROWS.items() if r["suggested_split"] == "test")
+  volume = {c: int(r["anterior_voxels"]) + int(r["posterior_voxels"]) for c, r in ROWS.items()}
+  by_group = {g: [c for c in test if ROWS[c]["encoding_group"] == g]
+              for g in ("uint8", "float_low", "float_high")}
+  assert [len(v) for v in by_group.values()] == [11, 34, 7]
+  own = mh.own_test_case_ids(5, "encoding", 0)
+  assert [list(o) for o in own] == [by_group["uint8"]] + [by_group["float_low"]] * 3 + [
+      by_group["float_high"]]
+  for k in (2, 4, 10):
+    train, _ = mh.site_case_ids(k, "volume", 0)
+    site_of = {c: j for j, site in enumerate(train) for c in site}
+    own = mh.own_test_case_ids(k, "volume", 0)
+    assert sorted(c for o in own for c in o) == test          # each test case once
+    for case in test:
+      # Independent rule: the site of the training case nearest in volume (a tie between
+      # two sites goes to the larger-volume site), by brute force over the 208 cases.
+      nearest = min(site_of, key=lambda c: (abs(volume[c] - volume[case]), -site_of[c]))
+      assert case in own[site_of[nearest]], (k, case)
+  with pytest.raises(OptionError, match="split='iid' sites .* no test cases of their own"):
+    mh.own_test_case_ids(4, "iid", 0)
+
+
 # -- arrays ---------------------------------------------------------------------------
 
 

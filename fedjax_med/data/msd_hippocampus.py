@@ -288,6 +288,43 @@ def site_case_ids(num_sites: int = 4, split: str = "iid", seed: int = 0
   return train_sites, test_sites
 
 
+def own_test_case_ids(num_sites: int = 4, split: str = "volume", seed: int = 0
+                      ) -> tuple[tuple[str, ...], ...]:
+  """The held-out test cases that come from each training site's distribution, `[K][m_k]`.
+
+  For scoring a site's own (personalised) model on test cases like its own, the usual
+  protocol of personalised FL (e.g. Ditto, Li et al. 2021, reports each client's model on
+  its own test data):
+    * split="encoding": a site's own test cases are those stored in its encoding
+      (sim-uint8 -> the 11 uint8 test cases; each of sim-float_low-0/1/2 -> the same 34
+      float_low ones; sim-float_high -> the 7 float_high ones);
+    * split="volume": site k owns the test cases whose hippocampus volume h (anterior +
+      posterior voxels) falls in its band: b_{k-1} <= h < b_k with the cut
+      b_k = (max h over site k + min h over site k+1) / 2 between neighbouring sites
+      (b_0 = -inf, b_K = +inf), so every test case belongs to exactly one site;
+    * split="iid": the sites are random draws of one population and own no test cases:
+      raises OptionError.
+  Rows are in case-id order. The test set is `held_out_cases(seed)`.
+  """
+  num_sites = _check_split(num_sites, split)
+  if split == "iid":
+    raise OptionError("msd_hippocampus: split='iid' sites are random draws of one"
+                      " population and have no test cases of their own; use 'encoding'"
+                      " or 'volume'")
+  raw = load_raw()
+  train_sites, test_sites = site_case_ids(num_sites, split, seed)
+  test = sorted(c for site in test_sites for c in site)
+  if split == "encoding":
+    groups = raw.groups
+    return tuple(tuple(c for c in test if groups[c] == groups[site[0]])
+                 for site in train_sites)
+  voxels = raw.hippocampus_voxels
+  cuts = [(max(voxels[c] for c in low) + min(voxels[c] for c in high)) / 2
+          for low, high in zip(train_sites, train_sites[1:])]
+  band = {c: int(np.searchsorted(cuts, voxels[c], side="right")) for c in test}
+  return tuple(tuple(c for c in test if band[c] == k) for k in range(num_sites))
+
+
 def zscore(volume: np.ndarray) -> np.ndarray:
   """Per-volume robust z-score of `volume` (any shape, all of it real voxels).
 
