@@ -34,6 +34,10 @@ Splits (`held_out_cases`, `site_case_ids`; the recipe of SOURCE.md):
     `num_sites` contiguous groups whose sizes differ by at most one (np.array_split),
     "sim-volume-0" (smallest hippocampi) to "sim-volume-{K-1}" (largest).
     It does not depend on the seed beyond the test draw.
+  * own test cases (`own_test_case_ids`, for scoring personalised models): an
+    encoding site owns the test cases of its encoding, a volume site those whose
+    hippocampus volume falls in its band (cut halfway between neighbouring sites);
+    iid sites own none.
 With seed = 0, num_sites = 4, the test set and the iid sites are index.csv's
 columns `suggested_split` and `sim_site_iid4`; with split="encoding" the
 sites are `sim_site_encoding5`. Rows of a site are in case-id order.
