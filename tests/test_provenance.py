@@ -1,8 +1,8 @@
 """Provenance in results.json: every record says which code and libraries made it.
 
 `fm.report.save_records` stamps each record with the fedjax_med, jax and jaxlib
-versions and the git commit of the checkout fedjax_med is imported from
-(`fm.report.provenance()`). The expected values here come from elsewhere:
+versions, the git commit of the checkout fedjax_med is imported from, jax's device
+and the host CPU with its vector-instruction flags (`fm.report.provenance()`). The expected values here come from elsewhere:
 installed package metadata (`importlib.metadata`), git run by the test itself,
 and throwaway git repositories built in the test.
 """
@@ -54,6 +54,22 @@ def test_every_written_record_carries_the_versions(tmp_path):
     assert r["fedjax_med_version"] == fm.__version__
     assert r["jax_version"] == jax.__version__ == importlib.metadata.version("jax")
     assert r["jaxlib_version"] == importlib.metadata.version("jaxlib")
+    device = jax.devices()[0]
+    assert r["device"] == f"{device.platform}: {device.device_kind}"
+  if os.path.exists("/proc/cpuinfo"):
+    # The first CPU's model name and flags, read here line by line; the record lists the
+    # model and, in brackets, which of the ISA flags the CPU has.
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    first = lambda key: next((l.split(":", 1)[1].strip() for l in lines
+                              if l.split(":")[0].strip() == key), None)
+    flags = (first("flags") or first("Features") or "").split()
+    cpu = written[0]["cpu"]
+    model = first("model name") or first("Model") or first("CPU part")
+    assert cpu.startswith(f"{model} [") and cpu.endswith("]"), cpu
+    listed = cpu[len(model) + 2:-1].split()
+    assert set(listed) <= set(flags)
+    assert ("avx2" in listed) == ("avx2" in flags)
+    assert ("avx512f" in listed) == ("avx512f" in flags)
   assert len({json.dumps({k: r[k] for k in report.PROVENANCE_FIELDS}) for r in written}) == 1
 
 

@@ -342,7 +342,8 @@ def test_retina_vessels_smoke(tmp_path):
   records = json.loads((out / "results.json").read_text())
   assert records and all(set(r) == {"dataset", "strategy", "seed", "site", "split",
                                     "metric", "value", "fedjax_med_version", "jax_version",
-                                    "jaxlib_version", "git_commit"} for r in records)
+                                    "jaxlib_version", "git_commit", "device", "cpu"}
+                             for r in records)
   strategies = {r["strategy"] for r in records}
   assert {"fedavg", "local", "pooled", "observer_2"} <= strategies
   sites = {r["site"] for r in records}

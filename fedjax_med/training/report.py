@@ -8,7 +8,12 @@ with `site` one of the site names, "mean" (unweighted mean over sites, as
 FLamby reports) or "pooled" (all rows together). `save_records` adds to every
 record it writes where the number came from (PROVENANCE_FIELDS, `provenance()`):
 
-    {"fedjax_med_version", "jax_version", "jaxlib_version", "git_commit"}
+    {"fedjax_med_version", "jax_version", "jaxlib_version", "git_commit", "device", "cpu"}
+
+The device and the CPU are there because a trained model depends on them, not only
+on the code and the seed: XLA compiles for the host's vector instructions, and a
+different instruction set (AVX2 vs AVX-512, FMA or not) rounds differently, which a
+long non-convex training run amplifies (experiments/README.md measures it).
 
 Files written before version 0.2 lack those fields; `load_records` and the
 tables read them all the same.
@@ -32,7 +37,10 @@ RECORD_FIELDS = ("dataset", "strategy", "seed", "site", "split", "metric", "valu
 # has no meaning.
 # Where a record came from, added by `save_records` (see `provenance`); optional,
 # so that files written before version 0.2 still load.
-PROVENANCE_FIELDS = ("fedjax_med_version", "jax_version", "jaxlib_version", "git_commit")
+PROVENANCE_FIELDS = ("fedjax_med_version", "jax_version", "jaxlib_version", "git_commit",
+                     "device", "cpu")
+# /proc/cpuinfo flags that change how XLA:CPU's compiled kernels round (widest first).
+CPU_ISA_FLAGS = ("avx512f", "avx2", "fma", "avx", "sse4_2", "asimd", "sve")
 OPTIONAL_FIELDS = ("neighboring_relation",) + PROVENANCE_FIELDS
 
 
@@ -63,6 +71,29 @@ def _git_commit(package_dir: str) -> str | None:
     return None
 
 
+def _cpu() -> str | None:
+  """'<model name> [<ISA flags>]' of this machine's CPU from /proc/cpuinfo (Linux), e.g.
+  "AMD EPYC [avx2 fma avx sse4_2]"; `platform.processor()` elsewhere; None when neither
+  says. Never raises."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+      info = f.read()
+  except OSError:
+    import platform  # pylint: disable=import-outside-toplevel
+    return platform.processor() or None
+  fields = {}
+  for line in info.splitlines():
+    key, sep, value = line.partition(":")
+    if sep and key.strip() not in fields:          # the first CPU's entry
+      fields[key.strip()] = value.strip()
+  model = fields.get("model name") or fields.get("Model") or fields.get("CPU part")
+  flags = set((fields.get("flags") or fields.get("Features") or "").split())
+  isa = [flag for flag in CPU_ISA_FLAGS if flag in flags]
+  if model is None and not isa:
+    return None
+  return f"{model or 'unknown CPU'} [{' '.join(isa)}]"
+
+
 def provenance() -> dict[str, str | None]:
   """Where results come from: the code and library versions, and the commit.
 
@@ -77,7 +108,11 @@ def provenance() -> dict[str, str | None]:
                             "-dirty" appended when `git status --porcelain`
                             lists any change (untracked files included); None
                             when it is not imported from a git checkout or git
-                            is missing}
+                            is missing,
+     "device":             "<platform>: <device kind>" of jax's first device, e.g.
+                            "cpu: cpu" or "gpu: NVIDIA H100 80GB HBM3",
+     "cpu":                the host CPU's model and the vector-instruction flags
+                            XLA compiles for, e.g. "AMD EPYC [avx2 fma avx sse4_2]"}
   Never raises: a value it cannot find is None.
   """
   package = sys.modules.get((__package__ or "fedjax_med").split(".")[0])
@@ -87,6 +122,12 @@ def provenance() -> dict[str, str | None]:
     out["jax_version"] = jax.__version__
   except ImportError:
     out["jax_version"] = None
+  try:
+    device = jax.devices()[0]
+    out["device"] = f"{device.platform}: {device.device_kind}"
+  except Exception:  # pylint: disable=broad-except  (no backend, or jax missing)
+    out["device"] = None
+  out["cpu"] = _cpu()
   try:
     import jaxlib
     out["jaxlib_version"] = getattr(jaxlib, "__version__", None)
