@@ -127,6 +127,7 @@ def test_records_that_carry_provenance_keep_it(tmp_path):
   for r in report.load_records(path):
     assert r["fedjax_med_version"] == "0.1.0" and r["git_commit"] == "abc"
     assert r["jax_version"] == jax.__version__
+    assert r["device"] is None and r["cpu"] is None     # made elsewhere: not this machine
 
 
 def test_files_without_provenance_still_load_and_tabulate(tmp_path):

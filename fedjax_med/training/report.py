@@ -39,6 +39,8 @@ RECORD_FIELDS = ("dataset", "strategy", "seed", "site", "split", "metric", "valu
 # so that files written before version 0.2 still load.
 PROVENANCE_FIELDS = ("fedjax_med_version", "jax_version", "jaxlib_version", "git_commit",
                      "device", "cpu")
+# The provenance fields that name the machine (see `save_records`).
+MACHINE_FIELDS = ("device", "cpu")
 # /proc/cpuinfo flags that change how XLA:CPU's compiled kernels round (widest first).
 CPU_ISA_FLAGS = ("avx512f", "avx2", "fma", "avx", "sse4_2", "asimd", "sve")
 OPTIONAL_FIELDS = ("neighboring_relation",) + PROVENANCE_FIELDS
@@ -159,7 +161,8 @@ def save_records(records: Sequence[dict[str, Any]], out_dir: str,
   record needs its "neighboring_relation"). The written records also carry
   PROVENANCE_FIELDS from `provenance()`, computed once per call; a record that
   already has a provenance field keeps its own value (records merged from an
-  earlier run stay attributed to it). The caller's records are not changed.
+  earlier run stay attributed to it), and gets None for a machine field it lacks
+  (MACHINE_FIELDS: this machine did not compute it). The caller's records are not changed.
   """
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, filename)
@@ -174,7 +177,11 @@ def save_records(records: Sequence[dict[str, Any]], out_dir: str,
       raise ValueError(f"save_records: epsilon record {r} has no neighboring_relation;"
                        " an epsilon means nothing without it")
   stamp = provenance()
-  records = [{**r, **{k: v for k, v in stamp.items() if k not in r}} for r in records]
+  # The machine fields describe where a number was computed: a record stamped by an
+  # earlier run (it carries some provenance) did not record them, so they stay unknown.
+  earlier = {k: None for k in MACHINE_FIELDS}
+  records = [{**r, **{k: earlier.get(k, v) if any(f in r for f in PROVENANCE_FIELDS) else v
+                      for k, v in stamp.items() if k not in r}} for r in records]
   with open(path, "w") as f:
     json.dump(records, f, indent=1)
   return path
