@@ -332,6 +332,8 @@ def run(config: Config, out_dir: str, progress: bool = True
     history.setdefault(dataset, {}).setdefault(name, {})[str(seed)] = losses
     return state
 
+  own_by_split = {split: own_test_indices(split, config.split_seed, cases)
+                  for split in config.splits}
   for seed in config.seeds:
     init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
     params0 = jax.jit(model.init)(init_key, jnp.zeros((1,) + config.crop + (1,)))
@@ -342,12 +344,12 @@ def run(config: Config, out_dir: str, progress: bool = True
                            [_site_params(state.client_states["params"], 0)])
       for split in config.splits:
         records += _records(f"{DATASET}[{split}]", "pooled", seed, cases, groups, per_model,
-                            own_test_indices(split, config.split_seed, cases))
+                            own_by_split[split])
     for split in config.splits:
       dataset = f"{DATASET}[{split}]"
       k = SPLIT_SITES[split]
       train_data, _ = msd_hippocampus(num_sites=k, split=split, seed=config.split_seed)
-      own = own_test_indices(split, config.split_seed, cases)
+      own = own_by_split[split]
       if {"fedavg", "finetune"} & set(config.strategies):
         state = train("fedavg", fedavg, fedavg.init(params0), train_data, train_key,
                       config.rounds, dataset, seed, config.client_lr)
