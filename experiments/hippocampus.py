@@ -261,6 +261,7 @@ def run(config: Config, out_dir: str, progress: bool = True
         ) -> tuple[list[dict], dict, dict]:
   timings: dict[str, float] = {}
   start = time.perf_counter()
+  stamp = fm.report.provenance()   # the code as it was when the run started
   model = fm.models.UNet3D(features=config.features, num_classes=3)
   loss_fn = softmax_dice(model.apply, num_classes=3)
   apply_fn = jax.jit(model.apply)
@@ -387,7 +388,7 @@ def run(config: Config, out_dir: str, progress: bool = True
       del train_data
 
   os.makedirs(out_dir, exist_ok=True)
-  fm.report.save_records(records, out_dir)
+  fm.report.save_records(records, out_dir, stamp=stamp)
   with open(os.path.join(out_dir, "history.json"), "w") as f:
     json.dump(history, f)
   figure = _figure(out_dir, x_test, y_test, cases, predictions)

@@ -222,6 +222,7 @@ def _test_arrays(test):
 def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict], dict]:
   timings: dict[str, float] = {}
   start = time.perf_counter()
+  stamp = fm.report.provenance()   # the code as it was when the run started
   unknown = set(config.strategies) - {"fedavg", "local", "pooled"}
   if unknown or not config.strategies:
     raise ValueError(f"retina_vessels: strategies must be a non-empty subset of fedavg,"
@@ -389,7 +390,7 @@ def run(config: Config, out_dir: str, progress: bool = True) -> tuple[list[dict]
       records += threshold_records("pooled", seed, chosen)
 
   os.makedirs(out_dir, exist_ok=True)
-  fm.report.save_records(records, out_dir)
+  fm.report.save_records(records, out_dir, stamp=stamp)
   with open(os.path.join(out_dir, "history.json"), "w") as f:
     json.dump(history, f)
   figure(os.path.join(out_dir, "predictions.png"), images_shown[FIGURE_IMAGE],

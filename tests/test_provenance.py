@@ -130,6 +130,24 @@ def test_records_that_carry_provenance_keep_it(tmp_path):
     assert r["device"] is None and r["cpu"] is None     # made elsewhere: not this machine
 
 
+def test_a_stamp_taken_at_the_start_is_what_the_records_carry(tmp_path):
+  """A long run takes provenance() when it starts and passes it as `stamp`: its records
+  carry those values, not the ones save_records would find at the end (a commit made
+  during the run)."""
+  stamp = {f: f"at-start-{f}" for f in report.PROVENANCE_FIELDS}
+  path = report.save_records(_records(), str(tmp_path), stamp=stamp)
+  for r in report.load_records(path):
+    assert {f: r[f] for f in report.PROVENANCE_FIELDS} == stamp
+  # A record from an earlier run keeps its own values; the machine fields stay unknown.
+  old = [dict(_records()[0], git_commit="abc")]
+  (r,) = report.load_records(report.save_records(old, str(tmp_path), stamp=stamp))
+  assert r["git_commit"] == "abc" and r["cpu"] is None and r["device"] is None
+  assert r["jax_version"] == "at-start-jax_version"
+  with pytest.raises(ValueError, match=r"missing \['git_commit'\]"):
+    report.save_records(_records(), str(tmp_path),
+                        stamp={f: "x" for f in report.PROVENANCE_FIELDS if f != "git_commit"})
+
+
 def test_files_without_provenance_still_load_and_tabulate(tmp_path):
   """A results.json of version 0.1 (RECORD_FIELDS only), written by hand here."""
   rows = [{"dataset": "toy", "strategy": s, "seed": seed, "site": site, "split": "test",

@@ -154,12 +154,17 @@ def records_from_report(dataset: str, strategy: str, seed: int, split: str,
 
 
 def save_records(records: Sequence[dict[str, Any]], out_dir: str,
-                 filename: str = "results.json") -> str:
+                 filename: str = "results.json",
+                 stamp: dict[str, str | None] | None = None) -> str:
   """Writes records as a JSON list, each with its provenance; returns the path.
+
+  `stamp` is a `provenance()` taken when the run started: a long run saves its records
+  at the end, and a commit made in between would otherwise be recorded as the code that
+  computed them. None: `provenance()` now.
 
   Every record needs RECORD_FIELDS and may carry OPTIONAL_FIELDS (an epsilon
   record needs its "neighboring_relation"). The written records also carry
-  PROVENANCE_FIELDS from `provenance()`, computed once per call; a record that
+  PROVENANCE_FIELDS from `stamp` (default `provenance()`, computed once per call); a record that
   already has a provenance field keeps its own value (records merged from an
   earlier run stay attributed to it), and gets None for a machine field it lacks
   (MACHINE_FIELDS: this machine did not compute it). The caller's records are not changed.
@@ -176,7 +181,12 @@ def save_records(records: Sequence[dict[str, Any]], out_dir: str,
     if r["metric"] == "epsilon" and "neighboring_relation" not in r:
       raise ValueError(f"save_records: epsilon record {r} has no neighboring_relation;"
                        " an epsilon means nothing without it")
-  stamp = provenance()
+  if stamp is None:
+    stamp = provenance()
+  elif set(stamp) != set(PROVENANCE_FIELDS):
+    raise ValueError(f"save_records: stamp must have exactly the fields {PROVENANCE_FIELDS}"
+                     f" (a provenance()); missing {sorted(set(PROVENANCE_FIELDS) - set(stamp))},"
+                     f" unknown {sorted(set(stamp) - set(PROVENANCE_FIELDS))}")
   # The machine fields describe where a number was computed: a record stamped by an
   # earlier run (it carries some provenance) did not record them, so they stay unknown.
   earlier = {k: None for k in MACHINE_FIELDS}
