@@ -27,8 +27,12 @@ def _load_script():
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("hd")
+  # This process compiles afresh (the suite's persistent compilation cache off), so that
+  # the run in the test process (which may load cached programs) is compared with a run
+  # of independently compiled programs.
+  env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
   proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--no-progress", "--out",
-                         str(out)], capture_output=True, text=True, timeout=600)
+                         str(out)], capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr
   return out, proc.stdout
 
