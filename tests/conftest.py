@@ -20,6 +20,8 @@ import pytest
 
 import fedjax_med as fm
 
+import _flat_threefry  # pylint: disable=g-bad-import-order
+
 jax.config.update("jax_enable_x64", False)
 
 # One persistent compilation cache for the whole run: the xdist workers and the
@@ -46,6 +48,9 @@ def pytest_configure(config):
                     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
   jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                     int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+  # High-rank threefry draws compile slowly on XLA:CPU; draw them flat (the same
+  # values, checked in tests/test_prng.py). See tests/_flat_threefry.py.
+  _flat_threefry.install()
 
 
 def pytest_unconfigure(config):

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_med.core import prng
+
 
 class PatchConv(nn.Module):
   """A k x k convolution, stride 1, SAME padding, computed as patches @ kernel.
@@ -32,7 +34,7 @@ class PatchConv(nn.Module):
     if k % 2 != 1:
       raise ValueError(f"PatchConv: kernel_size must be odd for SAME padding, got {k}")
     channels = x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+    kernel = self.param("kernel", prng.lecun_normal(),
                         (k, k, channels, self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     patches = jax.lax.conv_general_dilated_patches(

@@ -80,6 +80,7 @@ import jax.numpy as jnp
 from jax import custom_batching
 from jax import lax
 
+from fedjax_med.core import prng
 from fedjax_med.models._batching import per_client_kernels
 
 _DIMENSIONS_2D = ("NHWC", "HWIO", "NHWC")
@@ -228,7 +229,7 @@ class Conv3D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+    kernel = self.param("kernel", prng.lecun_normal(),
                         (3, 3, 3, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)

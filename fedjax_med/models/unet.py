@@ -47,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_med.core import prng
 from fedjax_med.models._batching import per_client_kernels
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
@@ -104,7 +105,7 @@ class Conv2D(nn.Module):
     kh, kw = self.kernel_size
     if kh % 2 == 0 or kw % 2 == 0:
       raise ValueError(f"Conv2D: kernel_size must be odd, got {self.kernel_size}")
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+    kernel = self.param("kernel", prng.lecun_normal(),
                         (kh, kw, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     return conv2d_same(x, kernel) + bias
@@ -119,7 +120,7 @@ class UpConv2x2(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+    kernel = self.param("kernel", prng.lecun_normal(),
                         (2, 2, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     y = jnp.einsum("bhwc,ijcd->bhiwjd", x, kernel)

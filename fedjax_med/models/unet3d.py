@@ -68,6 +68,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_med.core import prng
 from fedjax_med.models.conv3d import Conv3D
 
 NORMS = ("none", "group")
@@ -88,7 +89,7 @@ class UpConv3D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+    kernel = self.param("kernel", prng.lecun_normal(),
                         (2, 2, 2, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     y = jnp.einsum("bxyzc,ijkcd->bxiyjzkd", x, kernel)

@@ -57,6 +57,7 @@ import numpy as np
 
 from fedjax_med.core.local import row_uniforms
 from fedjax_med.core.objective import GradientEstimator, is_batch_loss
+from fedjax_med.core import prng
 from fedjax_med.core.options import OptionError
 from fedjax_med.core.tree import tree_l2_norm
 from fedjax_med.privacy import accounting
@@ -114,7 +115,8 @@ def gaussian_noise_like(key: jax.Array, tree: Any, stddev: jax.Array) -> Any:
   """Independent N(0, stddev^2) for every coordinate of every leaf."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   keys = jax.random.split(key, len(leaves))
-  noise = [stddev.astype(leaf.dtype) * jax.random.normal(k, leaf.shape, leaf.dtype)
+  # prng.normal: jax.random.normal's values, drawn flat (fast to compile for conv kernels).
+  noise = [stddev.astype(leaf.dtype) * prng.normal(k, leaf.shape, leaf.dtype)
            for k, leaf in zip(keys, leaves)]
   return jax.tree_util.tree_unflatten(treedef, noise)
 

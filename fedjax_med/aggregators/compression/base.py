@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_med.core import prng
+
 
 class LeafCodec(NamedTuple):
   """A per-tensor codec on a flat float32 vector.
@@ -171,7 +173,7 @@ def float32() -> Compressor:
 def stochastic_round(t: jax.Array, key: jax.Array) -> jax.Array:
   """floor(t) + Bernoulli(t - floor(t)): an unbiased rounding of t, E = t."""
   low = jnp.floor(t)
-  u = jax.random.uniform(key, t.shape, jnp.float32)
+  u = prng.uniform(key, t.shape, jnp.float32)   # jax.random.uniform's values, drawn flat
   return low + (u < (t - low)).astype(jnp.float32)
 
 

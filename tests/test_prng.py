@@ -1,0 +1,129 @@
+"""fedjax_med.core.prng and the test harness's flat threefry draws: the values JAX and
+flax draw themselves, bit for bit (the references are jax.random and
+flax.linen.initializers on the full shape, computed without either workaround)."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import _flat_threefry
+from fedjax_med.core import prng
+
+# Ranks 0-6 and an empty array. Each shape costs one compile of JAX's own (slow)
+# multi-dimensional draw, so the high ranks are few.
+SHAPES = [(), (7,), (4, 6), (2, 3, 5), (4, 2, 4, 9, 8), (2, 1, 2, 3, 1, 2), (3, 0, 2)]
+
+
+def _tree_np(tree):
+  return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def _unpatched(fn):
+  """fn() computed with JAX's own threefry draw (the harness patch taken out), as NumPy."""
+  from jax._src.random import threefry2x32  # pylint: disable=import-outside-toplevel
+  if _flat_threefry.ORIGINAL is None:
+    return _tree_np(fn())
+  current = threefry2x32._threefry_random_bits_partitionable
+  threefry2x32._threefry_random_bits_partitionable = _flat_threefry.ORIGINAL
+  try:
+    jax.clear_caches()   # nothing compiled under the patch may be reused
+    return _tree_np(fn())
+  finally:
+    threefry2x32._threefry_random_bits_partitionable = current
+    jax.clear_caches()
+
+
+def _draws(normal, uniform, key, shape):
+  """The draws compared, in one program: normal float32 and bfloat16 (as bits), a
+  uniform on [-0.5, 2), and normal under vmap over 3 keys."""
+  keys = jax.random.split(key, 3)
+  return {"normal": normal(key, shape, jnp.float32),
+          "bf16": jax.lax.bitcast_convert_type(normal(key, shape, jnp.bfloat16), jnp.uint16),
+          "uniform": uniform(key, shape, jnp.float32, -0.5, 2.0),
+          "vmap": jax.vmap(lambda k: normal(k, shape, jnp.float32))(keys)}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_prng_normal_and_uniform_equal_jax_random_bit_for_bit(shape):
+  key = jax.random.key(11)
+  ref = _unpatched(lambda: jax.jit(
+      lambda k: _draws(jax.random.normal, jax.random.uniform, k, shape))(key))
+  got = _tree_np(jax.jit(lambda k: _draws(prng.normal, prng.uniform, k, shape))(key))
+  for name in ref:
+    assert got[name].dtype == ref[name].dtype and got[name].shape == ref[name].shape, name
+    np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+  assert got["normal"].shape == shape and got["vmap"].shape == (3, *shape)
+
+
+def test_prng_uniform_rejects_array_bounds():
+  with pytest.raises(ValueError, match="minval and maxval must be scalars"):
+    prng.uniform(jax.random.key(0), (2, 3), jnp.float32, jnp.zeros(3), 1.0)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 3, 4, 6), (3, 3, 3, 8, 16), (1, 7, 2)],
+                         ids=str)
+def test_prng_lecun_normal_equals_flax_initializer(shape):
+  key = jax.random.key(5)
+  ref = _unpatched(lambda: nn.initializers.lecun_normal()(key, shape, jnp.float32))
+  got = np.asarray(prng.lecun_normal()(key, shape, jnp.float32))
+  np.testing.assert_array_equal(got, ref)
+  # The scale is LeCun's: truncated N(0, 1/fan_in) on [-2, 2] std units,
+  # fan_in = C_in x receptive field. A loose statistical check on the larger kernel.
+  if math.prod(shape) >= 3000:
+    fan_in = math.prod(shape[:-1])
+    assert abs(got.std() * math.sqrt(fan_in) - 1.0) < 0.05
+    assert np.abs(got).max() <= 2.0 / 0.87962566103423978 / math.sqrt(fan_in) + 1e-6
+
+
+def test_prng_lecun_normal_rejects_a_vector():
+  with pytest.raises(ValueError, match=">= 2 axes"):
+    prng.lecun_normal()(jax.random.key(0), (5,))
+
+
+@pytest.mark.parametrize("model_name", ["unet3d", "unet", "cnn"])
+def test_models_initialise_as_with_flax_lecun_normal(model_name, monkeypatch):
+  """The models' parameters equal those drawn by flax's own lecun_normal on the full
+  kernel shapes (the models' `prng` swapped for flax's initializers): the parameters
+  are those of before the models drew flat. (The reference's draws go through the
+  harness patch, which test_harness_flat_threefry_equals_jax_own_draw checks against
+  JAX's own function; taking it out here would cost a slow compile per kernel.)"""
+  import types  # pylint: disable=import-outside-toplevel
+  from fedjax_med.models import cnn, conv3d, unet, unet3d  # pylint: disable=import-outside-toplevel
+  model, x = {
+      "unet3d": (unet3d.UNet3D(num_classes=3, features=(2, 4), conv="planes"),
+                 jnp.zeros((1, 8, 8, 8, 1))),
+      "unet": (unet.UNet(features=(2, 4)), jnp.zeros((1, 8, 8, 3))),
+      "cnn": (cnn.CNN(), jnp.zeros((1, 28, 28, 1))),
+  }[model_name]
+  got = jax.jit(model.init)(jax.random.key(0), x)
+  flax_init = types.SimpleNamespace(lecun_normal=nn.initializers.lecun_normal)
+  for module in (cnn, conv3d, unet, unet3d):
+    monkeypatch.setattr(module, "prng", flax_init)
+  ref = _tree_np(jax.jit(model.init)(jax.random.key(0), x))
+  leaves = jax.tree_util.tree_leaves_with_path(got)
+  assert len(leaves) == len(jax.tree_util.tree_leaves(ref)) >= 4
+  assert any(np.asarray(a).ndim >= 4 for _, a in leaves)
+  for (path, a), b in zip(leaves, jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.skipif(_flat_threefry.ORIGINAL is None, reason="harness patch not installed")
+@pytest.mark.parametrize("bit_width", [8, 16, 32, 64])
+def test_harness_flat_threefry_equals_jax_own_draw(bit_width):
+  """The patched function against the function JAX ships, called directly."""
+  from jax._src.random import threefry2x32  # pylint: disable=import-outside-toplevel
+  patched = threefry2x32._threefry_random_bits_partitionable
+  assert getattr(patched, "flat_threefry", False)
+  with jax.enable_x64(bit_width == 64):
+    key = jax.random.key_data(jax.random.key(3))
+    # All widths on ranks 1-3 and an empty array; the 32-bit width (normal, uniform) on
+    # ranks 5 and 6 too (each high-rank shape is a slow compile of JAX's own draw).
+    for shape in SHAPES[1:4] + SHAPES[-1:] + (SHAPES[4:6] if bit_width == 32 else []):
+      want = np.asarray(_flat_threefry.ORIGINAL(key, bit_width, shape))
+      got = np.asarray(jax.jit(lambda k, shape=shape: patched(k, bit_width, shape))(key))
+      assert got.shape == want.shape and got.dtype == want.dtype
+      np.testing.assert_array_equal(got, want)
