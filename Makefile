@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (Python >= 3.10, nothing else):
 #   make run    creates .venv, installs fedjax_med, runs the default heart-disease experiment
-#   make test   creates .venv with the test extra, runs the whole pytest suite
+#   make test   creates .venv with the test extra, runs the pytest suite (not the slow tier)
+#   make test-all  the same with the slow tier (experiment smokes, multi-process runs)
 #   make docs   installs the docs extra, builds the API reference and guides into site/
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,7 +11,7 @@ OUT    ?= results/heart_disease
 # module fixtures run once): 9.5 instead of 13 min on 2 cores. WORKERS=0 runs serially.
 WORKERS ?= 2
 
-.PHONY: run test docs clean check-python
+.PHONY: run test test-all docs clean check-python
 
 check-python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "fedjax_med needs Python >= 3.10, found " + sys.version.split()[0])'
@@ -34,8 +35,15 @@ $(VENV)/.installed-docs: $(VENV)/.created pyproject.toml
 run: $(VENV)/.installed
 	$(PY) experiments/heart_disease.py --out $(OUT)
 
+# make test: the tier CI runs, without the tests marked slow (pyproject.toml's markers);
+# make test-all: every test, the slow tier included (about 3x longer).
+XDIST = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
+
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
+
+test-all: $(VENV)/.installed-test
+	$(PY) -m pytest -q $(XDIST)
 
 # Strict: a warning (broken link, unresolved cross-reference, unparsable docstring
 # section) fails the build. NO_MKDOCS_2_WARNING silences mkdocs-material's banner.

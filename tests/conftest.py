@@ -77,6 +77,18 @@ def _release_compiled_programs():
   gc.collect()
 
 
+def tiered(cases, fast, key=lambda case: case, unpack=True):
+  """pytest.mark.parametrize values: the cases whose key(case) is in `fast` run in
+  `make test`; the others are marked slow, for `make test-all` (the slow tier).
+  A tuple case is unpacked into the parameters (several argnames) unless unpack=False
+  (one argname whose values are tuples)."""
+  keys = {key(c) for c in cases}
+  assert set(fast) <= keys, f"fast cases {sorted(set(fast) - keys, key=str)} are not cases"
+  return [c if key(c) in fast else pytest.param(
+      *(c if unpack and isinstance(c, tuple) else (c,)), marks=pytest.mark.slow)
+          for c in cases]
+
+
 def linear_apply(params, x):
   """logits [B] = x [B, D] @ w [D] + b."""
   return x @ params["w"] + params["b"]

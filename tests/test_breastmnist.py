@@ -170,6 +170,7 @@ def smoke(tmp_path_factory):
   return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_smoke_writes_valid_records(smoke):
   out, stdout = smoke
   records = fm.report.load_records(os.path.join(out, "results.json"))

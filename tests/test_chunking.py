@@ -8,7 +8,7 @@ import pytest
 
 import fedjax_med as fm
 from fedjax_med.core import chunking
-from conftest import bce_loss, init_params, make_sites
+from conftest import bce_loss, init_params, make_sites, tiered
 
 SGD = optax.sgd(0.2)
 CASES = {
@@ -36,8 +36,10 @@ def five():
   return fm.FederatedData.from_sites(make_sites([6, 2, 9, 0, 3], seed=11))
 
 
-@pytest.mark.parametrize("name, chunk, cohort",
-                         [(n, 2, 3) for n in sorted(CASES)] + [("fedavg", 2, None)])
+# `make test`: four algorithms (each its own compile); `make test-all`: all of them.
+@pytest.mark.parametrize("name, chunk, cohort", tiered(
+    [(n, 2, 3) for n in sorted(CASES)] + [("fedavg", 2, None)],
+    {("fedavg", 2, 3), ("scaffold", 2, 3), ("ditto", 2, 3), ("fedsgd", 2, 3)}))
 def test_chunked_equals_unchunked(five, name, chunk, cohort):
   make, needs_k = CASES[name]
   extra = {} if cohort is None or name == "local_only" else {"cohort_size": cohort}

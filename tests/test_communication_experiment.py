@@ -26,6 +26,7 @@ def smoke_run(tmp_path_factory):
   return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_records_keep_the_schema_and_hold_costs(smoke_run):
   out, stdout = smoke_run
   records = fm.report.load_records(os.path.join(out, "results.json"))
@@ -57,6 +58,7 @@ def test_records_keep_the_schema_and_hold_costs(smoke_run):
   assert "| fedavg |" in stdout and "bytes vs fedavg" in stdout
 
 
+@pytest.mark.slow
 def test_history_holds_cumulative_series(smoke_run):
   out, _ = smoke_run
   rows = fm.report.load_history(os.path.join(out, "history.json"))
@@ -70,6 +72,7 @@ def test_history_holds_cumulative_series(smoke_run):
   assert len(rounds) == FEDBUFF_ROUNDS and np.all((acc >= 0) & (acc <= 1))
 
 
+@pytest.mark.slow
 def test_table_figures_and_audit_log(smoke_run):
   out, _ = smoke_run
   for name in ("table.md", "metric_vs_bytes.png", "metric_vs_time.png", "curves.png",

@@ -23,7 +23,7 @@ from jax import lax
 
 from fedjax_med.core.conv import conv_general_dilated_as_matmul, convs_as_matmuls
 
-from conftest import count_convs
+from conftest import count_convs, tiered
 
 RTOL = ATOL = 1e-5
 K = 3  # clients
@@ -86,7 +86,15 @@ LAX_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", LAX_CASES, ids=[c[0] for c in LAX_CASES])
+# `make test` runs the cases that together hold every feature (1D/2D/3D, both
+# layouts, strides, both dilations, negative padding, groups); `make test-all` all.
+FAST_LAX = {"1d_same_stride2_NWC", "2d_NCHW_asym_stride2_dil2", "2d_negative_padding",
+            "2d_depthwise_lhs_dil_stride", "3d_NCDHW"}
+FAST_FLAX = {"2d_asym_dil2", "2d_depthwise_stride2", "3d_valid_stride2_groups3"}
+
+
+@pytest.mark.parametrize("case", tiered(LAX_CASES, FAST_LAX, key=lambda c: c[0], unpack=False),
+                         ids=[c[0] for c in LAX_CASES])
 def test_lax_conv_outputs_and_grads_under_vmap_and_jit(case):
   _, lhs_shape, rhs_shape, strides, padding, lhs_dil, rhs_dil, dn, groups = case
   keys = jax.random.split(jax.random.key(0), 3)
@@ -162,7 +170,8 @@ def _client_params(module, x, seed=0):
   return jax.vmap(lambda key: module.init(key, x[0]))(keys)
 
 
-@pytest.mark.parametrize("case", FLAX_CASES, ids=[c[0] for c in FLAX_CASES])
+@pytest.mark.parametrize("case", tiered(FLAX_CASES, FAST_FLAX, key=lambda c: c[0], unpack=False),
+                         ids=[c[0] for c in FLAX_CASES])
 def test_flax_conv_outputs_and_grads_under_vmap_and_jit(case):
   _, x_shape, kwargs = case
   module = nn.Conv(**kwargs)

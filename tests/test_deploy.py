@@ -23,6 +23,7 @@ import pytest
 import fedjax_med as fm
 from fedjax_med.aggregators import robust
 from fedjax_med.deploy import wire
+from conftest import tiered  # noqa: E402
 
 sys.path.insert(0, "experiments/heart_disease_flower")
 import heart_disease_task as app  # noqa: E402  (the example app's task, no flwr)
@@ -52,7 +53,8 @@ def _task(algo, train, **kw):
 
 # ----------------------------------------------------------------------------- the six
 
-@pytest.mark.parametrize("name", app.ALGORITHMS)
+# `make test`: FedAvg, SCAFFOLD (state on the nodes) and DP-FedAvg; `make test-all`: all.
+@pytest.mark.parametrize("name", tiered(app.ALGORITHMS, {"fedavg", "scaffold", "dp_fedavg"}))
 def test_deployed_run_equals_simulated_run(name, heart):
   task = app.make_task({"algorithm": name})
   sim, sim_history = fm.run_rounds(task.algorithm, fm.deploy.initial_state(task), heart, 3,

@@ -41,6 +41,7 @@ def test_flower_transport_waits_for_k_nodes_then_names_the_shortfall():
     transport.census()
 
 
+@pytest.mark.slow
 def test_secagg_plus_gives_the_weighted_mean_to_quantisation_error():
   """Flower's SecAgg+ on the simulation runtime: FedAvg's global model equals the
   simulator's to the protocol's quantisation (clipping range 8, 2^22 levels:

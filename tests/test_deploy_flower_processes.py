@@ -22,6 +22,7 @@ from fedjax_med.deploy import launch  # noqa: E402
 
 
 @pytest.mark.flower_processes
+@pytest.mark.slow
 def test_superlink_and_four_supernodes_as_processes(tmp_path):
   out = tmp_path / "out"
   # Flower starts a ClientApp process per message: JAX's persistent compilation cache

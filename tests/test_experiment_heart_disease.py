@@ -83,6 +83,7 @@ def test_standardisations_match_numpy():
                                  (x - own.mean(0)) / (own_std + 1e-9), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_same_seed_is_bit_identical_across_processes(smoke_run, tmp_path):
   out, _ = smoke_run
   module = _load_script()

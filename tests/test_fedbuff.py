@@ -323,6 +323,7 @@ def test_server_momentum_matches_numpy_reference():
     np.testing.assert_allclose(state.params["b"], b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_checkpointed_run_resumes_bit_identical(tmp_path):
   """run_rounds(checkpoint_dir=...) saves and restores the FedBuff state (NamedTuple
   client states, the buffer, the clock, the uplink and reducer states, server Adam):

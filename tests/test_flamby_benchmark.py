@@ -39,6 +39,7 @@ def smoke(tmp_path_factory):
   return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_records_cover_every_strategy_and_site(smoke):
   out, stdout = smoke
   records = fm.report.load_records(os.path.join(out, "results.json"))
@@ -71,6 +72,7 @@ def _cells(table, dataset):
   return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
 
 
+@pytest.mark.slow
 def test_per_seed_table_shows_every_seed_and_the_spread(smoke):
   """Each seed's site mean, mean ± std (ddof 1) and median [min, max], recomputed here with
   NumPy from results.json; numbers printed to 3 decimals (tolerance 5e-4 + float slack)."""
@@ -375,6 +377,7 @@ def test_flamby_files_in_a_flamby_checkout():
                                  atol=5e-7 + 1e-12, err_msg=f"{dataset} {name}")
 
 
+@pytest.mark.slow
 def test_bars_are_the_site_mean_of_the_main_metric(smoke):
   out, _ = smoke
   module = _module("flamby_benchmark_bars")

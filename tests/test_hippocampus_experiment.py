@@ -6,6 +6,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 
 def _module():
@@ -17,6 +18,27 @@ def _module():
   return module
 
 
+def test_hippocampus_smoke_fedavg(tmp_path):
+  """The fast tier's smoke: FedAvg alone on the IID split (the smoke with every
+  strategy, below, is in the slow tier)."""
+  out = tmp_path / "hc"
+  assert _module().main(["--smoke", "--out", str(out), "--no-progress",
+                         "--splits", "iid", "--strategies", "fedavg"]) == 0
+  records = json.loads((out / "results.json").read_text())
+  assert {r["strategy"] for r in records} == {"fedavg"}
+  assert {r["dataset"] for r in records} == {"msd_hippocampus[iid]"}
+  values = {(r["site"], r["metric"]): r["value"] for r in records}
+  cases = sorted({site for site, _ in values if site.startswith("case-")})
+  assert len(cases) == 2
+  per_case = np.array([[values[(c, m)] for m in ("dice_anterior", "dice_posterior")]
+                       for c in cases])
+  assert ((0 <= per_case) & (per_case <= 1)).all()
+  assert abs(values[("all", "dice_mean")] - per_case.mean()) < 1e-12
+  assert "SIMULATED" in (out / "table.md").read_text()
+  assert (out / "slices.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
 def test_hippocampus_smoke(tmp_path):
   out = tmp_path / "hc"
   # --batch-size 3 (the smoke's default is 2) reaches the recorded config. The encoding

@@ -26,6 +26,7 @@ def smoke_run(tmp_path_factory):
   return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_records_plot_and_epsilons(smoke_run):
   out, stdout = smoke_run
   records = fm.report.load_records(os.path.join(out, "results.json"))
@@ -67,6 +68,7 @@ def _by(records):
   return {(r["strategy"], r["site"], r["metric"], r["split"]): r for r in records}
 
 
+@pytest.mark.slow
 def test_epsilon_records_carry_the_accountants_relation(smoke_run):
   """Patient level: Poisson-sampled DP-SGD, add/remove one patient; site level:
   DP-FedAvg with every site every round, replace one site (the default)."""
@@ -87,6 +89,7 @@ def _gaussian_delta(eps: float, mu: float) -> float:
                - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2))
 
 
+@pytest.mark.slow
 def test_site_level_epsilon_meets_the_target_under_replace_one(smoke_run):
   """The site-level sigma is calibrated on the event the accountant reports.
 

@@ -68,6 +68,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import fedjax_med as fm
+from conftest import tiered
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -183,6 +184,18 @@ NAMES = sorted(CASES)
 # is the same shared chunking code without the filler; one compile per pair).
 CHUNK_CASES = ([(n, 2) for n in NAMES if CASES[n].chunk]
                + [(n, 1) for n in ("fedavg", "fedsgd", "local_only", "scaffold")])
+
+# `make test` runs each of the four costly properties below on a third of the
+# algorithms (each a compile or two), chosen so that every algorithm meets at least
+# one of them; `make test-all` (the slow tier) runs the full cross product.
+FAST = {
+    "padding": {"fedavg", "scaffold", "ditto", "fedbuff", "dp_sgd_fedavg", "fedadam"},
+    "empty": {"fedper", "feddyn", "qffl", "local_only", "with_availability", "fedprox"},
+    "chunked": {("fednova", 2), ("fedyogi", 2), ("fedavg_finetune", 2), ("cyclic", 2),
+                ("fedsgd", 2), ("fedavg", 1)},
+    "cohort": {"fedadagrad", "cyclic", "fedsgd", "scaffold", "fedavg_finetune"},
+}
+
 
 
 @functools.lru_cache(maxsize=None)
@@ -402,6 +415,10 @@ def test_every_algorithm_has_a_case():
   assert not missing, (f"fm.algorithms exports {missing} with no entry in"
                        " tests/test_properties.py CASES: its invariants are not covered")
   assert not stale, f"CASES has {stale}, no longer exported by fm.algorithms"
+  # `make test` (the fast tier) must check every algorithm against some invariant.
+  fast = FAST["padding"] | FAST["empty"] | FAST["cohort"] | {n for n, _ in FAST["chunked"]}
+  assert set(NAMES) <= fast, f"{sorted(set(NAMES) - fast)} are in no FAST set"
+  assert FAST["chunked"] <= set(CHUNK_CASES) and FAST["padding"] | FAST["empty"] <= set(NAMES)
 
 
 # ---------------------------------------------------------------------------
@@ -418,7 +435,7 @@ def with_garbage(data: fm.FederatedData, seed: int) -> fm.FederatedData:
   return data.replace(x=jnp.asarray(x), y=jnp.asarray(y))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", tiered(NAMES, FAST["padding"]))
 @settings(max_examples=3, **SETTINGS)
 @given(sizes=sizes_st(K), ids=ids_st(K), pad=st.sampled_from(PADS), garbage=st.booleans(),
        seed=seeds)
@@ -437,7 +454,7 @@ def test_padding_changes_nothing(name, sizes, ids, pad, garbage, seed):
   assert_trees_close(p1, p0, f"{what}, positions")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", tiered(NAMES, FAST["empty"]))
 @settings(max_examples=3, **SETTINGS)
 @given(sizes=sizes_st(K), ids=ids_st(K), where=st.integers(0, K), seed=seeds, data=st.data())
 def test_empty_site_changes_nothing(name, sizes, ids, where, seed, data):
@@ -489,7 +506,7 @@ def test_permuting_sites_permutes_per_site_outputs(name, sizes, ids, perm, seed)
                      f"{what}, site ids of positions")
 
 
-@pytest.mark.parametrize("name, chunk", CHUNK_CASES)
+@pytest.mark.parametrize("name, chunk", tiered(CHUNK_CASES, FAST["chunked"]))
 @settings(max_examples=3, **SETTINGS)
 @given(sizes=sizes_st(K), ids=ids_st(K), seed=seeds)
 def test_chunked_equals_unchunked(name, chunk, sizes, ids, seed):
@@ -514,7 +531,7 @@ def _find_round(name, state, data, seed, want_data: bool):
   raise AssertionError("no round key gave the wanted cohort in 200 tries")
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].cohort])
+@pytest.mark.parametrize("name", tiered([n for n in NAMES if CASES[n].cohort], FAST["cohort"]))
 @settings(max_examples=2, **SETTINGS)
 @given(n0=st.integers(1, N), ids=ids_st(K), seed=seeds)
 def test_round_with_only_empty_sites_in_cohort_changes_nothing(name, n0, ids, seed):

@@ -249,6 +249,7 @@ def _faulty_federation(train):
   return fm.FederatedData.from_sites(sites + extra, label_type="binary")
 
 
+@pytest.mark.slow
 def test_robust_aggregators_survive_faulty_sites_and_plain_fedavg_does_not():
   train, test = fm.datasets.heart_disease()
   seven = _faulty_federation(train)

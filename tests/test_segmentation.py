@@ -330,6 +330,27 @@ def test_tiled_inference_equals_direct_inference():
 
 # -- experiment ----------------------------------------------------------------
 
+def test_retina_vessels_smoke_fedavg(tmp_path):
+  """The fast tier's smoke: FedAvg alone (the smoke with every strategy, below, is in
+  the slow tier)."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "retina_vessels.py")
+  spec = importlib.util.spec_from_file_location("retina_vessels_experiment_fast", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module   # dataclasses look their module up
+  spec.loader.exec_module(module)
+  out = tmp_path / "rv"
+  assert module.main(["--smoke", "--out", str(out), "--no-progress",
+                      "--strategies", "fedavg"]) == 0
+  records = json.loads((out / "results.json").read_text())
+  assert {r["strategy"] for r in records} == {"fedavg", "observer_2"}
+  values = {(r["strategy"], r["site"], r["metric"]): r["value"] for r in records}
+  assert values[("observer_2", "mean", "dice_image")] == pytest.approx(0.7977, abs=1e-4)
+  dice = [v for (s, site, m), v in values.items() if s == "fedavg" and m == "dice"]
+  assert len(dice) == 9 and all(0.0 <= v <= 1.0 for v in dice)   # 8 images + mean
+
+
+@pytest.mark.slow
 def test_retina_vessels_smoke(tmp_path):
   import importlib.util
   path = os.path.join(os.path.dirname(__file__), "..", "experiments", "retina_vessels.py")

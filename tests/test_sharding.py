@@ -266,6 +266,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
   if not _gloo_available():
     pytest.skip("this jaxlib has no gloo CPU collectives")

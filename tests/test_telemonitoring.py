@@ -143,6 +143,7 @@ def _load_script():
   return module
 
 
+@pytest.mark.slow
 def test_experiment_smoke(tmp_path):
   module = _load_script()
   assert module.main(["--smoke", "--no-progress", "--out", str(tmp_path)]) == 0

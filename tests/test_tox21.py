@@ -304,6 +304,7 @@ def test_loader_exclusive_reproduces_the_skew(cache, capsys):
     tox21(2324, cache_dir=folder, verbose=False)
 
 
+@pytest.mark.slow
 def test_drug_discovery_smoke(cache, tmp_path, monkeypatch):
   folder, _ = cache
   monkeypatch.setenv("FEDJAX_MED_CACHE", folder)

@@ -75,6 +75,7 @@ def _native_float64_reference(norm):
 
 
 @pytest.mark.parametrize("norm", ["none", "group"])
+@pytest.mark.slow
 def test_convs_as_matmuls_under_vmap_matches_native_float64(norm):
   """Per-client UNet3D parameters under vmap, rewritten (`fm.convs_as_matmuls`, no conv
   left), against XLA's native 3D convolutions in float64, one client at a time:
@@ -190,7 +191,7 @@ def test_unet3d_conv_auto_follows_the_backend(monkeypatch):
     assert UNet3D().conv_path() == "native"
 
 
-@pytest.mark.parametrize("norm", ["none", "group"])
+@pytest.mark.parametrize("norm", [pytest.param("none", marks=pytest.mark.slow), "group"])
 def test_planes_unet3d_under_vmap_matches_native_float64(norm):
   """UNet3D(conv="planes") on the parameters of UNet3D(conv="native"), under jax.vmap over
   3 clients' parameters, against the native model in float64 one client at a time
@@ -212,6 +213,7 @@ def test_planes_unet3d_under_vmap_matches_native_float64(norm):
   _close(jax.jit(planes(ct))(params, x), ref, rtol=1e-5 if norm == "none" else 5e-5)
 
 
+@pytest.mark.slow
 def test_fedavg_round_planes_equals_native():
   """One FedAvg round (2 sites of 2 and 3 volumes, batch 2, SGD, one local epoch: a
   vmap over sites of a lax.scan over local steps, one of them a padded no-op) of
