@@ -100,6 +100,7 @@ def test_same_seed_is_bit_identical_across_processes(smoke_run, tmp_path):
   assert h1 == h2
 
 
+@pytest.mark.slow
 def test_different_seed_differs(smoke_run, tmp_path):
   out, _ = smoke_run
   module = _load_script()

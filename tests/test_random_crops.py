@@ -90,6 +90,7 @@ def test_crops_hold_the_voxels_at_their_origin():
         assert s[d] + c <= hi
 
 
+@pytest.mark.slow
 def test_the_round_trains_on_the_crops_of_its_key():
   """with_random_crops(fedavg).round(state, volumes, key) is fedavg's round on the crops
   drawn with fold_in(key, CROP_STREAM) (composition, bit for bit)."""

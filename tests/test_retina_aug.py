@@ -131,6 +131,7 @@ def test_photometric_maps_equal_the_numpy_formula_inside_the_fov():
   assert abs(float(draws["brightness"].mean())) < 5 * 0.3 / np.sqrt(12 * 2000)
 
 
+@pytest.mark.slow
 def test_augment_spec_and_with_patches_options():
   with pytest.raises(OptionError, match="contrast"):
     AugmentSpec(contrast=1.0)

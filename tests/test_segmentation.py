@@ -257,6 +257,7 @@ def test_patch_data_keys_follow_sites_and_padding_stays_masked():
   np.testing.assert_array_equal(swapped.x[1, :8], patches.x[0, :8])
 
 
+@pytest.mark.slow
 def test_unet_through_algo_round_on_patches():
   data = fm.FederatedData.from_sites(image_sites((2, 1)), ["a", "b"], label_type="binary")
   model = UNet(features=(4, 8))

@@ -283,6 +283,7 @@ def test_volume_dice_scores_and_padding_invariance():
 # ---------------------------------------------------------------- federated
 
 
+@pytest.mark.slow
 def test_fedavg_two_rounds_on_two_sites_lowers_the_objective():
   data = multiclass_volume_sites()
   model = UNet3D(features=(4, 8))

@@ -191,7 +191,8 @@ def test_unet3d_conv_auto_follows_the_backend(monkeypatch):
     assert UNet3D().conv_path() == "native"
 
 
-@pytest.mark.parametrize("norm", [pytest.param("none", marks=pytest.mark.slow), "group"])
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["none", "group"])
 def test_planes_unet3d_under_vmap_matches_native_float64(norm):
   """UNet3D(conv="planes") on the parameters of UNet3D(conv="native"), under jax.vmap over
   3 clients' parameters, against the native model in float64 one client at a time
