@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 OUT    ?= results/heart_disease
 # Test files run in 2 processes (pytest-xdist; a file stays in one process, so its
-# module fixtures run once): 9.5 instead of 13 min on 2 cores. WORKERS=0 runs serially.
+# module fixtures run once). WORKERS=0 runs serially.
 WORKERS ?= 2
 
 .PHONY: run test test-all docs clean check-python
