@@ -331,15 +331,21 @@ def test_tiled_inference_equals_direct_inference():
 
 # -- experiment ----------------------------------------------------------------
 
-def test_retina_vessels_smoke_fedavg(tmp_path):
-  """The fast tier's smoke: FedAvg alone (the smoke with every strategy, below, is in
-  the slow tier)."""
+def _retina_experiment(name="retina_vessels_experiment"):
+  """experiments/retina_vessels.py, imported as a module."""
   import importlib.util
   path = os.path.join(os.path.dirname(__file__), "..", "experiments", "retina_vessels.py")
-  spec = importlib.util.spec_from_file_location("retina_vessels_experiment_fast", path)
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module   # dataclasses look their module up
   spec.loader.exec_module(module)
+  return module
+
+
+def test_retina_vessels_smoke_fedavg(tmp_path):
+  """The fast tier's smoke: FedAvg alone (the smoke with every strategy, below, is in
+  the slow tier)."""
+  module = _retina_experiment()
   out = tmp_path / "rv"
   assert module.main(["--smoke", "--out", str(out), "--no-progress",
                       "--strategies", "fedavg"]) == 0
@@ -353,12 +359,7 @@ def test_retina_vessels_smoke_fedavg(tmp_path):
 
 @pytest.mark.slow
 def test_retina_vessels_smoke(tmp_path):
-  import importlib.util
-  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "retina_vessels.py")
-  spec = importlib.util.spec_from_file_location("retina_vessels_experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module   # dataclasses look their module up
-  spec.loader.exec_module(module)
+  module = _retina_experiment()
   out = tmp_path / "rv"
   assert module.main(["--smoke", "--out", str(out), "--no-progress"]) == 0
   records = json.loads((out / "results.json").read_text())
