@@ -14,8 +14,9 @@ a 3x3x3 convolution kernel `[3, 3, 3, 8, 16]` 5.0 s against 0.4 s. A 3D U-Net's
 The functions here draw flat and reshape: the values of JAX's own draw of the full
 shape (checked bit for bit in tests/test_prng.py, against `jax.random` and
 `flax.linen.initializers`), at the compile time of a flat draw. With
-`jax_threefry_partitionable` off, a flat draw reshaped is also what JAX itself
-computes (the original threefry draws flat), so the equality holds there too.
+`jax_threefry_partitionable` off, JAX's original threefry also draws flat and
+reshapes, so the equality should hold there too (read from JAX's code; the tests
+check the default setting only).
 """
 
 from __future__ import annotations
