@@ -20,16 +20,19 @@ FEDJAX_MED_TEST_FLAT_THREEFRY=0 to run the tests on JAX's unpatched draws.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
+import jax
 from jax import lax
 
 ENV = "FEDJAX_MED_TEST_FLAT_THREEFRY"
 ORIGINAL = None     # JAX's own function, kept for tests/test_prng.py
 
 
-def _target():
+def target():
+  """JAX's module that holds the partitionable threefry bits, or None."""
   try:
     from jax._src.random import threefry2x32  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -55,7 +58,7 @@ def flat(original):
 def install() -> bool:
   """Patches JAX's partitionable threefry bits in this process; True if patched."""
   global ORIGINAL
-  module = _target()
+  module = target()
   if os.environ.get(ENV, "1") == "0" or module is None:
     return False
   current = module._threefry_random_bits_partitionable  # pylint: disable=protected-access
@@ -64,3 +67,21 @@ def install() -> bool:
   ORIGINAL = current
   module._threefry_random_bits_partitionable = flat(current)  # pylint: disable=protected-access
   return True
+
+
+@contextlib.contextmanager
+def uninstalled():
+  """Inside the block, JAX's own (unpatched) function draws, and nothing compiled under
+  the patch is reused (JAX's caches are cleared on entry and exit)."""
+  module = target()
+  if ORIGINAL is None or module is None:
+    yield
+    return
+  current = module._threefry_random_bits_partitionable  # pylint: disable=protected-access
+  module._threefry_random_bits_partitionable = ORIGINAL  # pylint: disable=protected-access
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    module._threefry_random_bits_partitionable = current  # pylint: disable=protected-access
+    jax.clear_caches()

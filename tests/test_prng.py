@@ -25,17 +25,8 @@ def _tree_np(tree):
 
 def _unpatched(fn):
   """fn() computed with JAX's own threefry draw (the harness patch taken out), as NumPy."""
-  from jax._src.random import threefry2x32  # pylint: disable=import-outside-toplevel
-  if _flat_threefry.ORIGINAL is None:
+  with _flat_threefry.uninstalled():
     return _tree_np(fn())
-  current = threefry2x32._threefry_random_bits_partitionable
-  threefry2x32._threefry_random_bits_partitionable = _flat_threefry.ORIGINAL
-  try:
-    jax.clear_caches()   # nothing compiled under the patch may be reused
-    return _tree_np(fn())
-  finally:
-    threefry2x32._threefry_random_bits_partitionable = current
-    jax.clear_caches()
 
 
 def _draws(normal, uniform, key, shape):
@@ -119,8 +110,7 @@ def test_models_initialise_as_with_flax_lecun_normal(model_name, monkeypatch):
 @pytest.mark.parametrize("bit_width", [8, 16, 32, 64])
 def test_harness_flat_threefry_equals_jax_own_draw(bit_width):
   """The patched function against the function JAX ships, called directly."""
-  from jax._src.random import threefry2x32  # pylint: disable=import-outside-toplevel
-  patched = threefry2x32._threefry_random_bits_partitionable
+  patched = _flat_threefry.target()._threefry_random_bits_partitionable
   assert getattr(patched, "flat_threefry", False)
   with jax.enable_x64(bit_width == 64):
     key = jax.random.key_data(jax.random.key(3))

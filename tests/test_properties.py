@@ -197,7 +197,6 @@ FAST = {
 }
 
 
-
 @functools.lru_cache(maxsize=None)
 def build(name: str, **options):
   """One algorithm object per (name, options), so hypothesis examples reuse its jit."""
@@ -418,7 +417,7 @@ def test_every_algorithm_has_a_case():
   # `make test` (the fast tier) must check every algorithm against some invariant.
   fast = FAST["padding"] | FAST["empty"] | FAST["cohort"] | {n for n, _ in FAST["chunked"]}
   assert set(NAMES) <= fast, f"{sorted(set(NAMES) - fast)} are in no FAST set"
-  assert FAST["chunked"] <= set(CHUNK_CASES) and FAST["padding"] | FAST["empty"] <= set(NAMES)
+  # (That each FAST set holds only real cases, `tiered` asserts when the tests are collected.)
 
 
 # ---------------------------------------------------------------------------
