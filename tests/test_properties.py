@@ -47,8 +47,8 @@ permutations, insertion positions and fresh ids, zero or finite-garbage
 padding, and seeds; shapes come from small fixed sets (K = 3, N_max 4 -> 7;
 K = 4, N_max 4 for the losses) and chunk sizes are parametrized, so every
 compiled round is reused across examples. Rounds run as the algorithm's
-`pure_round` compiled here with XLA's backend optimisations off (see
-`call_compiled`). Shrinking is disabled (each shrink step re-runs rounds;
+`pure_round`, compiled once per argument structure (see `call_compiled`) with
+the suite's fast-compile XLA flags (tests/conftest.py). Shrinking is disabled (each shrink step re-runs rounds;
 failures report the first falsifying example) and the example database is
 off. Runtime: ~85 s of CPU for the whole file on this machine's 2 cores.
 """
@@ -218,11 +218,9 @@ POSITION_ALGORITHM_STATE = {"slot_site"}
 
 
 # Rounds run as `pure_round` (the very function `round` jit-compiles, without
-# its host-side input checks) compiled here with XLA's backend optimisations
-# off: compiles take half the time (~0.55 s instead of ~1.1 s per round on
-# this CPU), and every comparison is between runs compiled alike or against
-# eager references, within the stated tolerances.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# its host-side input checks), compiled once here per argument structure with the
+# suite's fast-compile XLA flags (tests/conftest.py); every comparison is between
+# runs compiled alike or against eager references, within the stated tolerances.
 _COMPILED: dict = {}
 
 
@@ -243,7 +241,7 @@ def call_compiled(tag, fn, *args):
   signature = (tag, treedef, tuple(jax.typeof(leaf) for leaf in leaves))
   exe = _COMPILED.get(signature)
   if exe is None:
-    exe = jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
+    exe = jax.jit(fn).lower(*args).compile()
     _COMPILED[signature] = exe
   return exe(*args)
 
