@@ -13,43 +13,14 @@ import os
 import shutil
 import tempfile
 
-# XLA's backend (LLVM) optimisations off for the test processes, set before JAX
-# creates its backend and inherited by the xdist workers and by the experiments the
-# tests start as subprocesses. Two thirds of the suite's time is XLA compiling
-# (1,461 s of 2,113 s summed over the fast tier, measured with jax.monitoring), and
-# at level 0 a compile takes about half as long. The programs are the same HLO
-# after XLA's own passes; only LLVM's code generation is plainer (no FMA
-# contraction, no vectorisation), so a value can differ from the default build in
-# its last bits. No test compares with a number made by the default build: each
-# compares with an independent reference within a stated tolerance, or two runs
-# compiled alike. FEDJAX_MED_TEST_XLA_OPT=default runs the tests at XLA's default
-# level; an XLA_FLAGS that already sets the level is left as it is.
-_XLA_OPT_ENV = "FEDJAX_MED_TEST_XLA_OPT"
-_FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
-                       "--xla_llvm_disable_expensive_passes=true",
-                       "--xla_cpu_use_fusion_emitters=false")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
+import fedjax_med as fm
 
-def _fast_compile_xla_flags(flags: str, choice: str) -> str:
-  """XLA_FLAGS for the test processes: `flags` plus the fast-compile flags."""
-  if choice not in ("fast", "default"):
-    raise ValueError(f"{_XLA_OPT_ENV} must be 'fast' or 'default', got {choice!r}")
-  if choice == "default" or "xla_backend_optimization_level" in flags:
-    return flags
-  return " ".join(filter(None, [flags, *_FAST_COMPILE_FLAGS]))
-
-
-os.environ["XLA_FLAGS"] = _fast_compile_xla_flags(os.environ.get("XLA_FLAGS", ""),
-                                                  os.environ.get(_XLA_OPT_ENV, "fast"))
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import fedjax_med as fm  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import _flat_threefry  # pylint: disable=g-bad-import-order,wrong-import-position
+import _flat_threefry  # pylint: disable=g-bad-import-order
 
 jax.config.update("jax_enable_x64", False)
 

@@ -41,6 +41,8 @@ def _cast(tree, dtype):
 def _close(got, ref, rtol):
   for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref), strict=True):
     r = np.asarray(r, np.float64)
+    # assert_allclose counts NaN == NaN as equal: a NaN reference would let a NaN pass.
+    assert np.isfinite(r).all(), "the reference itself is not finite"
     scale = max(1.0, float(np.abs(r).max()))
     np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=rtol, atol=rtol * scale)
 
