@@ -48,9 +48,11 @@ padding, and seeds; shapes come from small fixed sets (K = 3, N_max 4 -> 7;
 K = 4, N_max 4 for the losses) and chunk sizes are parametrized, so every
 compiled round is reused across examples. Rounds run as the algorithm's
 `pure_round`, compiled once per argument structure (see `call_compiled`) with
-the suite's fast-compile XLA flags (tests/conftest.py). Shrinking is disabled (each shrink step re-runs rounds;
-failures report the first falsifying example) and the example database is
-off. Runtime: ~85 s of CPU for the whole file on this machine's 2 cores.
+XLA's default settings (not backend level 0, which miscomputes a 3D U-Net's
+gradient: benchmarks/README.md). Shrinking is disabled (each shrink step re-runs
+rounds; failures report the first falsifying example) and the example database
+is off. Runtime: about 170 s of test time for the fast tier of this file on
+this machine's 2 cores.
 """
 
 from __future__ import annotations
@@ -218,9 +220,9 @@ POSITION_ALGORITHM_STATE = {"slot_site"}
 
 
 # Rounds run as `pure_round` (the very function `round` jit-compiles, without
-# its host-side input checks), compiled once here per argument structure with the
-# suite's fast-compile XLA flags (tests/conftest.py); every comparison is between
-# runs compiled alike or against eager references, within the stated tolerances.
+# its host-side input checks), compiled once here per argument structure; every
+# comparison is between runs compiled alike or against eager references, within the
+# stated tolerances.
 _COMPILED: dict = {}
 
 
