@@ -36,7 +36,7 @@ PROGRAMS = ("FedAvg, logistic regression, K=3, 2 epochs",
 
 
 def _rounds():
-  """(name, round_fn, args) for each program; round_fn(*args) -> new params."""
+  """(name, algorithm, initial params, data) for each program."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel

@@ -8,9 +8,11 @@ tests compare two implementations, not one with itself.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import shutil
+import sys
 import tempfile
 
 import jax
@@ -87,6 +89,21 @@ def tiered(cases, fast, key=lambda case: case, unpack=True):
   return [c if key(c) in fast else pytest.param(
       *(c if unpack and isinstance(c, tuple) else (c,)), marks=pytest.mark.slow)
           for c in cases]
+
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
+
+
+def import_experiment(script: str, module_name: str):
+  """experiments/<script> (a file name there, or a path) imported as the module
+  `module_name`, registered in sys.modules (the scripts' dataclasses look their
+  module up)."""
+  spec = importlib.util.spec_from_file_location(module_name, os.path.join(EXPERIMENTS, script))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
 
 
 def linear_apply(params, x):

@@ -20,6 +20,8 @@ from fedjax_med.data import breastmnist as bm
 from fedjax_med.data import partition as P
 from fedjax_med.models.cnn import CNN, PatchConv
 
+from conftest import import_experiment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "breastmnist.py")
 FILES = resources.files("fedjax_med.data").joinpath("files", "breastmnist")
@@ -206,11 +208,7 @@ def test_smoke_writes_valid_records(smoke):
 
 
 def test_default_config_is_the_documented_one():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("breastmnist_experiment", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
+  module = import_experiment(SCRIPT, "breastmnist_experiment")
   config = module.Config()
   assert (config.num_sites, config.alpha, config.rounds, config.batch_size) == (5, 0.5, 30, 16)
   assert config.baseline_epochs == config.rounds * config.local_epochs

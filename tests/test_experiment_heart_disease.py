@@ -1,6 +1,5 @@
 """experiments/heart_disease.py end to end (--smoke): records, table, determinism."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,16 +11,14 @@ import pytest
 import fedjax_med as fm
 from fedjax_med.data import heart_disease as hd
 
+from conftest import import_experiment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "heart_disease.py")
 
 
 def _load_script():
-  spec = importlib.util.spec_from_file_location("heart_disease_experiment", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module   # dataclasses look their module up
-  spec.loader.exec_module(module)
-  return module
+  return import_experiment(SCRIPT, "heart_disease_experiment")
 
 
 @pytest.fixture(scope="module")

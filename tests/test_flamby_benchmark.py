@@ -4,7 +4,6 @@ per-seed table); the protocol and FLamby's published numbers checked against FLa
 import ast
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -16,6 +15,8 @@ import pytest
 
 import fedjax_med as fm
 
+from conftest import import_experiment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "flamby_benchmark.py")
 STRATEGIES = {"pooled", "fedavg", "fedprox", "scaffold", "cyclic", "fedadam", "fedyogi",
@@ -23,11 +24,7 @@ STRATEGIES = {"pooled", "fedavg", "fedprox", "scaffold", "cyclic", "fedadam", "f
 
 
 def _module(name):
-  spec = importlib.util.spec_from_file_location(name, SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+  return import_experiment(SCRIPT, name)
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,15 @@
 """experiments/hippocampus.py: a smoke run writes consistent records, table and figure."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
+from conftest import import_experiment
+
 
 def _module():
-  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "hippocampus.py")
-  spec = importlib.util.spec_from_file_location("hippocampus_experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module   # dataclasses look their module up
-  spec.loader.exec_module(module)
-  return module
+  return import_experiment("hippocampus.py", "hippocampus_experiment")
 
 
 def test_hippocampus_smoke_fedavg(tmp_path):

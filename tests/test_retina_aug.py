@@ -2,10 +2,7 @@
 preprocessing (green channel, CLAHE inside the FOV) and the threshold chosen on
 training images, each against NumPy, hand computation or exact enumeration."""
 
-import importlib.util
 import itertools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +18,8 @@ from fedjax_med.data.chase_db1 import chase_db1, clahe, preprocess_image
 from fedjax_med.losses.segmentation import bce_dice
 from fedjax_med.metrics.segmentation import dice
 from fedjax_med.models.unet import UNet
+
+from conftest import import_experiment
 
 GEOMETRIC = AugmentSpec()                                  # flips and rot90, no jitter
 
@@ -222,12 +221,7 @@ def test_preprocess_image_options():
 # -- threshold chosen on training images ---------------------------------------------
 
 def _experiment():
-  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "retina_vessels.py")
-  spec = importlib.util.spec_from_file_location("retina_vessels_experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+  return import_experiment("retina_vessels.py", "retina_vessels_experiment")
 
 
 def test_train_threshold_is_the_argmax_of_pooled_dice():

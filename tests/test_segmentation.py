@@ -3,8 +3,6 @@ convolution, the patch sampler, rounds on patches, tiled inference, the experime
 
 import json
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,8 @@ from fedjax_med.metrics.segmentation import (dice, pixel_accuracy, pixel_roc_auc
 from fedjax_med.models.unet import UNet, conv2d_same, num_params
 from fedjax_med.algorithms.segmentation import (crop, patch_data, predict_tiled, sample_corners,
                                      sample_patches, tile_windows, with_patches)
+
+from conftest import import_experiment
 
 
 # -- metrics -------------------------------------------------------------------
@@ -331,15 +331,8 @@ def test_tiled_inference_equals_direct_inference():
 
 # -- experiment ----------------------------------------------------------------
 
-def _retina_experiment(name="retina_vessels_experiment"):
-  """experiments/retina_vessels.py, imported as a module."""
-  import importlib.util
-  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "retina_vessels.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module   # dataclasses look their module up
-  spec.loader.exec_module(module)
-  return module
+def _retina_experiment():
+  return import_experiment("retina_vessels.py", "retina_vessels_experiment")
 
 
 def test_retina_vessels_smoke_fedavg(tmp_path):

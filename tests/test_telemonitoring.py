@@ -1,8 +1,6 @@
 """Parkinson's telemonitoring loader, regression metrics, the two floors, the experiment."""
 
-import importlib.util
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,8 @@ from fedjax_med import evaluation_tasks as et
 from fedjax_med.data.telemonitoring import (NUM_PATIENTS, load_raw, load_split,
                                             parkinsons_telemonitoring)
 from fedjax_med.metrics.regression import mae, rmse
+
+from conftest import import_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "telemonitoring.py")
@@ -136,11 +136,7 @@ def test_bad_input():
 
 
 def _load_script():
-  spec = importlib.util.spec_from_file_location("telemonitoring_experiment", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+  return import_experiment(SCRIPT, "telemonitoring_experiment")
 
 
 @pytest.mark.slow

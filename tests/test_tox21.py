@@ -4,7 +4,6 @@ Partition tests run without RDKit on synthetic scaffolds; tests of the real
 features use `pytest.importorskip("rdkit")` and a temporary cache folder.
 """
 
-import importlib.util
 import inspect
 import os
 import sys
@@ -18,6 +17,8 @@ import fedjax_med as fm
 from fedjax_med.data import tox21 as tox21_lib
 from fedjax_med.data.tox21 import (ACYCLIC, ASSAYS, BENZENE, load_table, scaffold_partition,
                                    split_labels, tox21)
+
+from conftest import import_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "drug_discovery.py")
@@ -308,10 +309,7 @@ def test_loader_exclusive_reproduces_the_skew(cache, capsys):
 def test_drug_discovery_smoke(cache, tmp_path, monkeypatch):
   folder, _ = cache
   monkeypatch.setenv("FEDJAX_MED_CACHE", folder)
-  spec = importlib.util.spec_from_file_location("drug_discovery_experiment", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
+  module = import_experiment(SCRIPT, "drug_discovery_experiment")
   assert module.main(["--smoke", "--no-progress", "--out", str(tmp_path)]) == 0
   records = fm.report.load_records(os.path.join(tmp_path, "results.json"))
   assert {r["strategy"] for r in records} == set(module.ORDER)
