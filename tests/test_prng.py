@@ -1,6 +1,7 @@
-"""fedjax_med.core.prng and the test harness's flat threefry draws: the values JAX and
-flax draw themselves, bit for bit (the references are jax.random and
-flax.linen.initializers on the full shape, computed without either workaround)."""
+"""fedjax_med.core.prng and the test harness's two threefry workarounds (flat draws,
+JAX's unrolled lowering on CPU): the values JAX and flax draw themselves, bit for bit
+(the references are jax.random and flax.linen.initializers on the full shape, computed
+without any of the workarounds)."""
 
 import math
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import _flat_threefry
+import _unrolled_threefry
 from conftest import tiered
 from fedjax_med.core import prng
 
@@ -24,8 +26,9 @@ def _tree_np(tree):
 
 
 def _unpatched(fn):
-  """fn() computed with JAX's own threefry draw (the harness patch taken out), as NumPy."""
-  with _flat_threefry.uninstalled():
+  """fn() computed with JAX's own threefry draw and lowering (the harness patches taken
+  out), as NumPy."""
+  with _flat_threefry.uninstalled(), _unrolled_threefry.uninstalled():
     return _tree_np(fn())
 
 
@@ -121,3 +124,44 @@ def test_harness_flat_threefry_equals_jax_own_draw(bit_width):
       got = np.asarray(jax.jit(lambda k, shape=shape: patched(k, bit_width, shape))(key))
       assert got.shape == want.shape and got.dtype == want.dtype
       np.testing.assert_array_equal(got, want)
+
+
+def _key_draws(key):
+  """Every kind of threefry use in one program: key derivation, raw bits, floats, a
+  permutation, fedjax_med's row order, under vmap and inside a scan."""
+  from fedjax_med.core import local  # pylint: disable=import-outside-toplevel
+  data = jax.random.key_data
+  carry_bits = jax.lax.scan(
+      lambda k, _: (jax.random.fold_in(k, 1), jax.random.bits(k, (2,))), key, None, length=4)
+  return {"fold_in": data(jax.random.fold_in(key, 7)),
+          "split": data(jax.random.split(key, 5)),
+          "bits": jax.random.bits(key, (3, 5), jnp.uint32),
+          "bits8": jax.random.bits(key, (9,), jnp.uint8),
+          "uniform": jax.random.uniform(key, (11,)),
+          "normal": jax.random.normal(key, (4, 6)),
+          "permutation": jax.random.permutation(key, 9),
+          "vmap_fold_in": data(jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(6))),
+          "scan": carry_bits[1],
+          "epoch_permutation": local.epoch_permutation(key, jnp.arange(8) < 6)}
+
+
+@pytest.mark.skipif(not _unrolled_threefry.INSTALLED or jax.default_backend() != "cpu",
+                    reason="harness patch not installed, or not on CPU (the patch is CPU's)")
+def test_harness_unrolled_threefry_equals_jax_cpu_lowering():
+  """Draws compiled with JAX's unrolled threefry lowering (the harness's) equal those
+  compiled with JAX's own CPU lowering (a rolled loop), bit for bit; and the patch is
+  in effect: only JAX's own CPU lowering has a loop."""
+  key = jax.random.key(42)
+  fold_in = lambda k: jax.random.fold_in(k, 3)
+  got = _tree_np(jax.jit(_key_draws)(key))
+  unrolled_text = jax.jit(fold_in).lower(key).as_text()
+  with _unrolled_threefry.uninstalled():
+    want = _tree_np(jax.jit(_key_draws)(key))
+    rolled_text = jax.jit(fold_in).lower(key).as_text()
+  assert "while" in rolled_text and "while" not in unrolled_text
+  assert set(got) == set(want)
+  for name in want:
+    assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  # The draws differ from one another (the comparison is not of constants).
+  assert len(np.unique(got["bits"])) == 15 and len(np.unique(got["split"][:, 0])) == 5

@@ -1,0 +1,79 @@
+"""Test-harness workaround: JAX's unrolled threefry lowering on XLA:CPU.
+
+JAX lowers its threefry2x32 hash (every `fold_in`, `split` and random draw) in two
+ways: on CPU as a `fori_loop` of 5 iterations of 4 rounds ("rolled"), elsewhere
+(GPU, TPU) as the 20 rounds written out ("unrolled"). Both compute the same uint32
+arithmetic, so they give the same bits. XLA:CPU (jax 0.10.2) compiles the rolled form
+slowly: each draw becomes a while loop of several kernels that it cannot fuse with the
+code around it, and a FedAvg round draws many keys (client keys, pass keys, row
+orders, step keys). One FedAvg round of logistic regression compiles in about 1 s
+with the unrolled form against about 2.8 s with the rolled one (2-core AVX2 CPU).
+
+`install()` registers JAX's own unrolled lowering for CPU in the test processes.
+tests/test_prng.py checks that draws under it equal JAX's rolled CPU lowering bit
+for bit (fold_in, split, bits, uniform, normal, permutations, under vmap and scan)
+and that the patch is in effect. fedjax_med itself does not patch JAX: users get
+JAX's own lowering; benchmarks/README.md gives the compile times of both.
+
+It touches private JAX names, so it is guarded: if they are gone (a newer JAX),
+nothing is patched and the suite only runs slower. Set
+FEDJAX_MED_TEST_UNROLLED_THREEFRY=0 to run the tests on JAX's CPU lowering.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+
+ENV = "FEDJAX_MED_TEST_UNROLLED_THREEFRY"
+INSTALLED = False
+
+
+def _names():
+  """(mlir, threefry2x32 module) if JAX still has the names used here, else None."""
+  try:
+    from jax._src.interpreters import mlir  # pylint: disable=import-outside-toplevel
+    from jax._src.random import threefry2x32  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  needed = ("threefry2x32_p", "_threefry2x32_lowering_rule", "_threefry2x32_cpu_lowering_rule")
+  if not all(hasattr(threefry2x32, name) for name in needed):
+    return None
+  if not callable(getattr(mlir, "register_lowering", None)):
+    return None
+  return mlir, threefry2x32
+
+
+def _register(unrolled: bool) -> None:
+  mlir, module = _names()
+  rule = (module._threefry2x32_lowering_rule if unrolled  # pylint: disable=protected-access
+          else module._threefry2x32_cpu_lowering_rule)  # pylint: disable=protected-access
+  mlir.register_lowering(module.threefry2x32_p, rule, platform="cpu")
+
+
+def install() -> bool:
+  """Registers the unrolled lowering for CPU in this process; True if registered."""
+  global INSTALLED
+  if os.environ.get(ENV, "1") == "0" or _names() is None:
+    return False
+  _register(unrolled=True)
+  INSTALLED = True
+  return True
+
+
+@contextlib.contextmanager
+def uninstalled():
+  """Inside the block JAX's own CPU (rolled) lowering is used, and nothing compiled
+  under the patch is reused (JAX's caches are cleared on entry and exit)."""
+  if not INSTALLED:
+    yield
+    return
+  _register(unrolled=False)
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    _register(unrolled=True)
+    jax.clear_caches()
