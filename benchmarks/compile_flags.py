@@ -35,8 +35,19 @@ PROGRAMS = ("FedAvg, logistic regression, K=3, 2 epochs",
             "FedAvg, UNet3D(4, 8) on 16^3 volumes, K=2")
 
 
+def linear_bce(params, x, y):
+  """Per-example BCE of logistic regression, [B] (the benchmarks' smallest model)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  z = x @ params["w"] + params["b"]
+  return jnp.logaddexp(0.0, z) - y * z
+
+
+linear_bce.label_type = "binary"
+
+
 def _rounds():
-  """(name, algorithm, initial params, data) for each program."""
+  """(name, algorithm, initial params, data) for each program (also used by
+  benchmarks/threefry_lowering.py)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -45,12 +56,6 @@ def _rounds():
   import fedjax_med as fm  # pylint: disable=import-outside-toplevel
 
   rng = np.random.default_rng(0)
-
-  def linear_bce(params, x, y):
-    z = x @ params["w"] + params["b"]
-    return jnp.logaddexp(0.0, z) - y * z
-
-  linear_bce.label_type = "binary"
   sites = [(rng.normal(size=(n, 3)).astype(np.float32),
             (rng.uniform(size=n) < 0.5).astype(np.float32)) for n in (7, 3, 5)]
   yield (PROGRAMS[0], fm.algorithms.fedavg(linear_bce, client_optimizer=optax.sgd(0.1),

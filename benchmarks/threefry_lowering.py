@@ -33,43 +33,26 @@ from jax._src.random import threefry2x32  # pylint: disable=g-import-not-at-top
 import fedjax_med as fm
 from fedjax_med.algorithms.dp_fedavg import dp_sgd_fedavg
 
+import compile_flags  # pylint: disable=g-bad-import-order (benchmarks/, the script's dir)
+
 LOWERINGS = {
     "rolled (JAX's CPU default)": threefry2x32._threefry2x32_cpu_lowering_rule,  # pylint: disable=protected-access
     "unrolled": threefry2x32._threefry2x32_lowering_rule,  # pylint: disable=protected-access
 }
 
 
-def _linear_bce(params, x, y):
-  z = x @ params["w"] + params["b"]
-  return jnp.logaddexp(0.0, z) - y * z
-
-
-_linear_bce.label_type = "binary"
-
-
 def _programs():
-  """(name, function, args): each compiled under both lowerings."""
-  rng = np.random.default_rng(0)
-  sites = [(rng.normal(size=(n, 3)).astype(np.float32),
-            (rng.uniform(size=n) < 0.5).astype(np.float32)) for n in (12, 12, 7)]
-  data = fm.FederatedData.from_sites(sites, label_type="binary")
-  params = {"w": jnp.full((3,), 0.1), "b": jnp.zeros(())}
+  """(name, function, args): each compiled under both lowerings. The logistic-regression
+  and CNN rounds are compile_flags.py's; the other two rounds use its logistic data."""
+  rounds = compile_flags._rounds()  # pylint: disable=protected-access
+  _, fedavg, params, data = next(rounds)
+  _, cnn_algo, cnn_params, cnn_data = next(rounds)
   key = jax.random.key(0)
-  fedavg = fm.algorithms.fedavg(_linear_bce, client_optimizer=optax.sgd(0.1), batch_size=2,
-                                local_epochs=2)
-  fedavg_steps = fm.algorithms.fedavg(_linear_bce, client_optimizer=optax.sgd(0.1),
+  fedavg_steps = fm.algorithms.fedavg(compile_flags.linear_bce, client_optimizer=optax.sgd(0.1),
                                       batch_size=2, local_steps=5)
-  dp = dp_sgd_fedavg(_linear_bce, max_examples=16, clip_norm=0.5, noise_multiplier=1.0,
-                     expected_batch_size=4.0, client_optimizer=optax.sgd(0.1), local_steps=3)
-  cnn = fm.models.CNN()
-  images = rng.normal(size=(2, 6, 16, 16, 1)).astype(np.float32)
-  labels = (rng.uniform(size=(2, 6)) < 0.5).astype(np.float32)
-  cnn_loss = fm.losses.sigmoid_binary_cross_entropy(lambda p, x: cnn.apply(p, x).squeeze(-1))
-  cnn_algo = fm.algorithms.fedavg(cnn_loss, client_optimizer=optax.sgd(0.1), batch_size=2,
-                                  local_epochs=1)
-  cnn_data = fm.FederatedData.from_sites([(images[k], labels[k]) for k in range(2)],
-                                         label_type="binary")
-  cnn_params = cnn.init(jax.random.key(1), images[0, :1])
+  dp = dp_sgd_fedavg(compile_flags.linear_bce, max_examples=16, clip_norm=0.5,
+                     noise_multiplier=1.0, expected_batch_size=4.0,
+                     client_optimizer=optax.sgd(0.1), local_steps=3)
   unet = fm.models.UNet3D(num_classes=3, features=(8, 16, 32))
   return [
       ("FedAvg round, logistic regression, K=3, 2 epochs", fedavg.pure_round,

@@ -6,8 +6,9 @@ ways: on CPU as a `fori_loop` of 5 iterations of 4 rounds ("rolled"), elsewhere
 arithmetic, so they give the same bits. XLA:CPU (jax 0.10.2) compiles the rolled form
 slowly: each draw becomes a while loop of several kernels that it cannot fuse with the
 code around it, and a FedAvg round draws many keys (client keys, pass keys, row
-orders, step keys). One FedAvg round of logistic regression compiles in about 1 s
-with the unrolled form against about 2.8 s with the rolled one (2-core AVX2 CPU).
+orders, step keys). One FedAvg round of logistic regression compiles in 1.2 s
+with the unrolled form against 2.6 s with the rolled one (2-core AVX2 CPU;
+benchmarks/threefry_lowering.py).
 
 `install()` registers JAX's own unrolled lowering for CPU in the test processes.
 tests/test_prng.py checks that draws under it equal JAX's rolled CPU lowering bit

@@ -88,7 +88,7 @@ def _release_compiled_programs():
 def _threefry_lowering(request):
   """A test file that sets JAX_CPU_THREEFRY_LOWERING = True runs on JAX's own (rolled)
   CPU lowering of threefry instead of the harness's unrolled one: XLA:CPU compiles
-  DP-SGD's rounds about 2.7x slower with the unrolled form (tests/_unrolled_threefry.py)."""
+  DP-SGD's rounds about 2.6x slower with the unrolled form (tests/_unrolled_threefry.py)."""
   if getattr(request.module, "JAX_CPU_THREEFRY_LOWERING", False):
     with _unrolled_threefry.uninstalled():
       yield
