@@ -15,6 +15,10 @@ tests/test_prng.py checks that draws under it equal JAX's rolled CPU lowering bi
 for bit (fold_in, split, bits, uniform, normal, permutations, under vmap and scan)
 and that the patch is in effect. fedjax_med itself does not patch JAX: users get
 JAX's own lowering; benchmarks/README.md gives the compile times of both.
+DP-SGD's rounds compile faster under JAX's own lowering, so a test (or a test file,
+through `pytestmark`) marked `jax_cpu_threefry_lowering` runs on it (`use`, called
+by a fixture in tests/conftest.py). Python processes that the tests start install it
+too (tests/_subprocess_site/sitecustomize.py).
 
 It touches private JAX names, so it is guarded: if they are gone (a newer JAX),
 nothing is patched and the suite only runs slower. Set
@@ -56,12 +60,28 @@ def _register(unrolled: bool) -> None:
 
 def install() -> bool:
   """Registers the unrolled lowering for CPU in this process; True if registered."""
-  global INSTALLED
+  global INSTALLED, _IN_USE
   if os.environ.get(ENV, "1") == "0" or _names() is None:
     return False
   _register(unrolled=True)
-  INSTALLED = True
+  INSTALLED = _IN_USE = True
   return True
+
+
+_IN_USE = False     # whether the unrolled lowering is registered right now
+
+
+def use(unrolled: bool) -> None:
+  """Registers the unrolled lowering (True) or JAX's own CPU lowering (False) for what
+  is compiled next, if the harness installed it. A switch clears JAX's caches, so
+  nothing compiled under the other lowering is reused; asking for the lowering in use
+  changes nothing (programs compiled under it stay cached)."""
+  global _IN_USE
+  if not INSTALLED or unrolled == _IN_USE:
+    return
+  _register(unrolled=unrolled)
+  _IN_USE = unrolled
+  jax.clear_caches()
 
 
 @contextlib.contextmanager
@@ -71,10 +91,11 @@ def uninstalled():
   if not INSTALLED:
     yield
     return
-  _register(unrolled=False)
+  before = _IN_USE
+  use(unrolled=False)
   jax.clear_caches()
   try:
     yield
   finally:
-    _register(unrolled=True)
+    use(unrolled=before)
     jax.clear_caches()

@@ -8,6 +8,7 @@ tests compare two implementations, not one with itself.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import math
 import os
@@ -58,6 +59,33 @@ def pytest_configure(config):
   # slowly; use JAX's unrolled lowering (the same bits, checked in tests/test_prng.py).
   # See tests/_unrolled_threefry.py.
   _unrolled_threefry.install()
+  # JAX, fedjax_med and what they import are loaded by now: move their objects out of
+  # the garbage collector's reach (gc.freeze), so that its full collections, frequent
+  # while JAX traces, walk only what the tests create. These objects live for the
+  # whole run anyway. FEDJAX_MED_TEST_GC_FREEZE=0 turns it off.
+  if os.environ.get("FEDJAX_MED_TEST_GC_FREEZE", "1") != "0":
+    gc.collect()
+    gc.freeze()
+
+
+_SUBPROCESS_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_subprocess_site")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _harness_in_started_processes():
+  """Python processes that the tests start get the same threefry workarounds, through
+  tests/_subprocess_site/sitecustomize.py on their PYTHONPATH (set here, in the
+  process that runs the tests, after xdist has started its workers)."""
+  if os.environ.get("FEDJAX_MED_TEST_SUBPROCESS_HARNESS", "1") == "0":
+    yield
+    return
+  before = os.environ.get("PYTHONPATH")
+  os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_SUBPROCESS_SITE, before]))
+  yield
+  if before is None:
+    os.environ.pop("PYTHONPATH", None)
+  else:
+    os.environ["PYTHONPATH"] = before
 
 
 def pytest_unconfigure(config):
@@ -80,20 +108,19 @@ def _release_compiled_programs():
   """
   yield
   jax.clear_caches()
-  import gc  # pylint: disable=import-outside-toplevel
   gc.collect()
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _threefry_lowering(request):
-  """A test file that sets JAX_CPU_THREEFRY_LOWERING = True runs on JAX's own (rolled)
-  CPU lowering of threefry instead of the harness's unrolled one: XLA:CPU compiles
-  DP-SGD's rounds about 2.6x slower with the unrolled form (tests/_unrolled_threefry.py)."""
-  if getattr(request.module, "JAX_CPU_THREEFRY_LOWERING", False):
-    with _unrolled_threefry.uninstalled():
-      yield
-  else:
-    yield
+  """A test marked `jax_cpu_threefry_lowering` (a whole file through `pytestmark`, or
+  one parameter) runs on JAX's own (rolled) CPU lowering of threefry instead of the
+  harness's unrolled one: XLA:CPU compiles DP-SGD's rounds about 2.6x slower with the
+  unrolled form (tests/_unrolled_threefry.py). The lowering is switched only when it
+  changes, so the tests of a file still share their compiled programs."""
+  rolled = request.node.get_closest_marker("jax_cpu_threefry_lowering") is not None
+  _unrolled_threefry.use(unrolled=not rolled)
+  yield
 
 
 def tiered(cases, fast, key=lambda case: case, unpack=True):

@@ -15,7 +15,7 @@ from fedjax_med.algorithms.dp_fedavg import dp_fedavg
 
 # XLA:CPU compiles DP-SGD rounds about 2.6x slower under the harness's unrolled threefry
 # lowering (tests/_unrolled_threefry.py), so this file keeps JAX's own CPU lowering.
-JAX_CPU_THREEFRY_LOWERING = True
+pytestmark = pytest.mark.jax_cpu_threefry_lowering
 
 DELTA = 1e-5
 

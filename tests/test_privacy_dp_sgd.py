@@ -16,7 +16,7 @@ from fedjax_med.privacy.patient_level import dp_sgd
 
 # XLA:CPU compiles DP-SGD rounds about 2.6x slower under the harness's unrolled threefry
 # lowering (tests/_unrolled_threefry.py), so this file keeps JAX's own CPU lowering.
-JAX_CPU_THREEFRY_LOWERING = True
+pytestmark = pytest.mark.jax_cpu_threefry_lowering
 
 
 def test_per_example_clipping_bounds_and_leaves_small_gradients_unchanged():

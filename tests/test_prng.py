@@ -4,6 +4,9 @@ JAX's unrolled lowering on CPU): the values JAX and flax draw themselves, bit fo
 without any of the workarounds)."""
 
 import math
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -165,3 +168,39 @@ def test_harness_unrolled_threefry_equals_jax_cpu_lowering():
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
   # The draws differ from one another (the comparison is not of constants).
   assert len(np.unique(got["bits"])) == 15 and len(np.unique(got["split"][:, 0])) == 5
+
+
+def _fold_in_has_a_loop() -> bool:
+  """Whether fold_in lowers, right now, to JAX's own CPU form (a rolled while loop)."""
+  return "while" in jax.jit(lambda k: jax.random.fold_in(k, 3)).lower(
+      jax.random.key(0)).as_text()
+
+
+@pytest.mark.skipif(not _unrolled_threefry.INSTALLED or jax.default_backend() != "cpu",
+                    reason="harness patch not installed, or not on CPU (the patch is CPU's)")
+@pytest.mark.parametrize("marked", [
+    pytest.param(True, marks=pytest.mark.jax_cpu_threefry_lowering, id="marked"),
+    pytest.param(False, id="unmarked"),
+    pytest.param(True, marks=pytest.mark.jax_cpu_threefry_lowering, id="marked-again"),
+    pytest.param(False, id="unmarked-again")])
+def test_harness_marker_selects_the_lowering(marked):
+  """A test marked jax_cpu_threefry_lowering compiles on JAX's own CPU lowering, and
+  the next unmarked one on the harness's again (conftest's `_threefry_lowering`)."""
+  assert _fold_in_has_a_loop() == marked
+
+
+@pytest.mark.skipif(not _unrolled_threefry.INSTALLED or jax.default_backend() != "cpu"
+                    or os.environ.get("FEDJAX_MED_TEST_SUBPROCESS_HARNESS") == "0",
+                    reason="harness patch not installed, not on CPU, or off for started processes")
+def test_python_processes_the_tests_start_get_both_workarounds():
+  """A Python process started by a test (as the experiment smoke runs and notebook
+  kernels are) runs tests/_subprocess_site/sitecustomize.py: both patches are in."""
+  code = ("import sys, jax\n"
+          "text = jax.jit(lambda k: jax.random.fold_in(k, 3)).lower(jax.random.key(0)).as_text()\n"
+          "from jax._src.random import threefry2x32 as t\n"
+          "print(sys.modules['_unrolled_threefry'].INSTALLED, 'while' in text,\n"
+          "      getattr(t._threefry_random_bits_partitionable, 'flat_threefry', False))\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split() == ["True", "False", "True"], proc.stdout + proc.stderr
