@@ -15,7 +15,8 @@ test_unet3d). fedjax_med itself does not patch JAX; its own high-rank draws use
 
 It touches a private JAX function, so it is guarded: if that function is gone (a
 newer JAX), nothing is patched and the suite only runs slower. Set
-FEDJAX_MED_TEST_FLAT_THREEFRY=0 to run the tests on JAX's unpatched draws.
+FEDJAX_MED_TEST_FLAT_THREEFRY=0 to run the tests on JAX's unpatched draws. Python
+processes that the tests start install it too (tests/_subprocess_site/sitecustomize.py).
 """
 
 from __future__ import annotations
