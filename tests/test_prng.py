@@ -148,14 +148,19 @@ def _key_draws(key):
           "epoch_permutation": local.epoch_permutation(key, jnp.arange(8) < 6)}
 
 
+# The tests of the unrolled-lowering patch need it installed, and a CPU (it is CPU's).
+_ON_PATCHED_CPU = pytest.mark.skipif(
+    not _unrolled_threefry.INSTALLED or jax.default_backend() != "cpu",
+    reason="harness patch not installed, or not on CPU (the patch is CPU's)")
+
+
 def _fold_in_has_a_loop() -> bool:
   """Whether fold_in lowers, right now, to JAX's own CPU form (a rolled while loop)."""
   return "while" in jax.jit(lambda k: jax.random.fold_in(k, 3)).lower(
       jax.random.key(0)).as_text()
 
 
-@pytest.mark.skipif(not _unrolled_threefry.INSTALLED or jax.default_backend() != "cpu",
-                    reason="harness patch not installed, or not on CPU (the patch is CPU's)")
+@_ON_PATCHED_CPU
 def test_harness_unrolled_threefry_equals_jax_cpu_lowering():
   """Draws compiled with JAX's unrolled threefry lowering (the harness's) equal those
   compiled with JAX's own CPU lowering (a rolled loop), bit for bit; and the patch is
@@ -174,8 +179,7 @@ def test_harness_unrolled_threefry_equals_jax_cpu_lowering():
   assert len(np.unique(got["bits"])) == 15 and len(np.unique(got["split"][:, 0])) == 5
 
 
-@pytest.mark.skipif(not _unrolled_threefry.INSTALLED or jax.default_backend() != "cpu",
-                    reason="harness patch not installed, or not on CPU (the patch is CPU's)")
+@_ON_PATCHED_CPU
 @pytest.mark.parametrize("marked", [
     pytest.param(True, marks=pytest.mark.jax_cpu_threefry_lowering, id="marked"),
     pytest.param(False, id="unmarked"),
@@ -187,9 +191,9 @@ def test_harness_marker_selects_the_lowering(marked):
   assert _fold_in_has_a_loop() == marked
 
 
-@pytest.mark.skipif(not _unrolled_threefry.INSTALLED or jax.default_backend() != "cpu"
-                    or os.environ.get("FEDJAX_MED_TEST_SUBPROCESS_HARNESS") == "0",
-                    reason="harness patch not installed, not on CPU, or off for started processes")
+@_ON_PATCHED_CPU
+@pytest.mark.skipif(os.environ.get("FEDJAX_MED_TEST_SUBPROCESS_HARNESS") == "0",
+                    reason="the harness is off for started processes")
 def test_python_processes_the_tests_start_get_both_workarounds():
   """A Python process started by a test (as the experiment smoke runs and notebook
   kernels are) runs tests/_subprocess_site/sitecustomize.py: both patches are in."""
